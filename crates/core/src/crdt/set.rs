@@ -1,0 +1,271 @@
+//! Observed-remove set, add-wins, built on crdts' `Orswot`.
+//!
+//! Every add is tagged with a dot `(origin, n)`: the origin's n-th add to
+//! this set. A remove carries the dots it has observed for its members and
+//! deletes only those adds, so an add made concurrently elsewhere (a dot the
+//! remover had not seen) survives. A remove whose observed dots are ahead of
+//! the receiver is deferred until the receiver has seen those adds.
+//!
+//! crdts' `Orswot::apply` silently drops an add whose dot skips ahead of the
+//! next expected one; [`Set::apply`] refuses it with
+//! [`CoreError::DotGap`] instead, so a missing delta is an error, never a
+//! silent loss.
+
+use std::collections::BTreeMap;
+
+use crdts::orswot::Op as OrOp;
+use crdts::{CmRDT, CvRDT, Dot, Orswot, VClock};
+use serde::{Deserialize, Serialize};
+
+use super::Crdt;
+use crate::error::{CoreError, Result};
+use crate::limits::Limits;
+use crate::ReplicaId;
+
+/// An add-wins observed-remove set of byte-string members.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Set {
+    inner: Orswot<Vec<u8>, ReplicaId>,
+}
+
+/// A set operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetOp {
+    /// Adds members with the dot `(origin, dot_counter)`.
+    Add {
+        /// The origin's next dot counter for this set.
+        dot_counter: u64,
+        /// Members to add.
+        members: Vec<Vec<u8>>,
+    },
+    /// Removes the adds of `members` covered by `observed`.
+    Remove {
+        /// Highest observed dot counter per replica.
+        observed: BTreeMap<ReplicaId, u64>,
+        /// Members to remove.
+        members: Vec<Vec<u8>>,
+    },
+}
+
+impl Set {
+    /// The members, sorted bytewise.
+    pub fn members(&self) -> Vec<Vec<u8>> {
+        let mut members: Vec<Vec<u8>> = self.inner.iter().map(|m| m.val.clone()).collect();
+        members.sort_unstable();
+        members
+    }
+
+    /// True when `member` is in the set.
+    pub fn contains(&self, member: &[u8]) -> bool {
+        self.inner.contains(&member.to_vec()).val
+    }
+
+    /// Number of members.
+    pub fn len(&self) -> usize {
+        self.inner.iter().count()
+    }
+
+    /// True when the set has no members.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Highest dot counter of `replica` this set has seen.
+    pub fn seen(&self, replica: ReplicaId) -> u64 {
+        self.inner.clock().get(&replica)
+    }
+
+    /// The operation by which region `origin` adds `members`.
+    pub fn prepare_add(&self, origin: ReplicaId, members: Vec<Vec<u8>>) -> SetOp {
+        SetOp::Add {
+            dot_counter: self.seen(origin).saturating_add(1),
+            members,
+        }
+    }
+
+    /// The operation that removes `members`: it observes exactly the adds
+    /// this replica has seen of those members. Absent members are dropped
+    /// from the operation; `None` when none is present.
+    pub fn prepare_remove(&self, members: Vec<Vec<u8>>) -> Option<SetOp> {
+        let mut observed = VClock::new();
+        let mut present = Vec::new();
+        for member in members {
+            let ctx = self.inner.contains(&member);
+            if ctx.val && !present.contains(&member) {
+                observed.merge(ctx.rm_clock);
+                present.push(member);
+            }
+        }
+        if present.is_empty() {
+            return None;
+        }
+        Some(SetOp::Remove {
+            observed: observed
+                .iter()
+                .map(|dot| (*dot.actor, dot.counter))
+                .collect(),
+            members: present,
+        })
+    }
+
+    /// Applies an operation of region `origin`.
+    ///
+    /// An add whose dot was already seen changes nothing; an add that skips
+    /// dots of its origin is refused with [`CoreError::DotGap`].
+    pub fn apply(&mut self, origin: ReplicaId, op: &SetOp) -> Result<()> {
+        match op {
+            SetOp::Add {
+                dot_counter,
+                members,
+            } => {
+                let seen = self.seen(origin);
+                if *dot_counter <= seen {
+                    return Ok(());
+                }
+                if *dot_counter != seen + 1 {
+                    return Err(CoreError::DotGap {
+                        origin,
+                        counter: *dot_counter,
+                        seen,
+                    });
+                }
+                self.inner.apply(OrOp::Add {
+                    dot: Dot::new(origin, *dot_counter),
+                    members: members.clone(),
+                });
+            }
+            SetOp::Remove { observed, members } => {
+                let clock: VClock<ReplicaId> = observed
+                    .iter()
+                    .filter(|(_, &counter)| counter > 0)
+                    .map(|(&replica, &counter)| Dot::new(replica, counter))
+                    .collect();
+                self.inner.apply(OrOp::Rm {
+                    clock,
+                    members: members.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SetOp {
+    /// Checks the members against `limits`.
+    pub fn validate(&self, limits: &Limits) -> Result<()> {
+        let members = match self {
+            SetOp::Add { members, .. } => members,
+            SetOp::Remove { observed, members } => {
+                limits.check(
+                    "replicas in a remove context",
+                    limits.max_observed_replicas,
+                    observed.len(),
+                )?;
+                members
+            }
+        };
+        if members.is_empty() {
+            return Err(CoreError::invalid("set operation", "no members"));
+        }
+        limits.check(
+            "members in one operation",
+            limits.max_members_per_op,
+            members.len(),
+        )?;
+        for member in members {
+            limits.check(
+                "set member length (bytes)",
+                limits.max_member_bytes,
+                member.len(),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Crdt for Set {
+    fn merge(&mut self, other: &Self) {
+        self.inner.merge(other.inner.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: ReplicaId = ReplicaId(1);
+    const B: ReplicaId = ReplicaId(2);
+
+    fn add(set: &mut Set, origin: ReplicaId, member: &[u8]) -> SetOp {
+        let op = set.prepare_add(origin, vec![member.to_vec()]);
+        set.apply(origin, &op).unwrap();
+        op
+    }
+
+    #[test]
+    fn concurrent_add_survives_remove() {
+        let mut a = Set::default();
+        let mut b = Set::default();
+        let add_a = add(&mut a, A, b"x");
+        b.apply(A, &add_a).unwrap();
+        // b removes x while a re-adds it concurrently.
+        let rm_b = b.prepare_remove(vec![b"x".to_vec()]).unwrap();
+        b.apply(B, &rm_b).unwrap();
+        let add_a2 = add(&mut a, A, b"x");
+        a.apply(B, &rm_b).unwrap();
+        b.apply(A, &add_a2).unwrap();
+        assert!(a.contains(b"x") && b.contains(b"x"));
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn remove_deletes_observed_adds() {
+        let mut a = Set::default();
+        add(&mut a, A, b"x");
+        add(&mut a, A, b"y");
+        let rm = a
+            .prepare_remove(vec![b"x".to_vec(), b"zz".to_vec()])
+            .unwrap();
+        assert!(matches!(&rm, SetOp::Remove { members, .. } if members == &vec![b"x".to_vec()]));
+        a.apply(A, &rm).unwrap();
+        assert_eq!(a.members(), vec![b"y".to_vec()]);
+        assert!(a.prepare_remove(vec![b"zz".to_vec()]).is_none());
+    }
+
+    #[test]
+    fn remove_arriving_before_the_add_it_observed_is_deferred() {
+        let mut a = Set::default();
+        let mut b = Set::default();
+        let mut c = Set::default();
+        let add_a = add(&mut a, A, b"x");
+        b.apply(A, &add_a).unwrap();
+        let rm_b = b.prepare_remove(vec![b"x".to_vec()]).unwrap();
+        b.apply(B, &rm_b).unwrap();
+        // c hears b's remove before a's add.
+        c.apply(B, &rm_b).unwrap();
+        c.apply(A, &add_a).unwrap();
+        assert!(!c.contains(b"x"));
+        assert_eq!(c.members(), b.members());
+    }
+
+    #[test]
+    fn gaps_are_refused_and_duplicates_ignored() {
+        let mut a = Set::default();
+        let first = add(&mut a, A, b"x");
+        let second = add(&mut a, A, b"y");
+        let mut b = Set::default();
+        assert!(matches!(
+            b.apply(A, &second),
+            Err(CoreError::DotGap {
+                counter: 2,
+                seen: 0,
+                ..
+            })
+        ));
+        assert!(b.is_empty());
+        b.apply(A, &first).unwrap();
+        b.apply(A, &first).unwrap();
+        b.apply(A, &second).unwrap();
+        assert_eq!(a, b);
+    }
+}

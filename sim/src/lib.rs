@@ -1,0 +1,3 @@
+//! Deterministic simulation of multi-region concord clusters on turmoil.
+//!
+//! Not implemented yet; see the README's status section.
