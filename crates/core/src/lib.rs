@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 pub use catalog::{Catalog, KeyspaceId};
 pub use clock::{Clock, Hlc, PhysicalTime, SystemTime};
-pub use crdt::{CrdtType, Op, Value};
+pub use crdt::{CrdtType, Intent, Op, Value};
 pub use delta::Delta;
 pub use error::{CoreError, Result};
 pub use limits::Limits;

@@ -198,6 +198,36 @@ impl Stream {
         }
     }
 
+    /// A stream made of a watermark and entries; entries below the
+    /// watermark are dropped. Lets a store keep entries in rows of their own
+    /// and rebuild (a chunk of) the stream from them.
+    pub fn from_parts(
+        trimmed_before: StreamId,
+        entries: impl IntoIterator<Item = (StreamId, Vec<Field>)>,
+    ) -> Stream {
+        let mut stream = Stream {
+            entries: BTreeMap::new(),
+            trimmed_before,
+        };
+        for (id, fields) in entries {
+            stream.insert(id, &fields);
+        }
+        stream
+    }
+
+    /// The same stream without its entries: only the trim watermark.
+    pub fn watermark_only(&self) -> Stream {
+        Stream {
+            entries: BTreeMap::new(),
+            trimmed_before: self.trimmed_before,
+        }
+    }
+
+    /// Every entry, in id order.
+    pub fn entries(&self) -> impl Iterator<Item = (StreamId, &[Field])> + '_ {
+        self.entries.iter().map(|(&id, f)| (id, f.as_slice()))
+    }
+
     /// The entry with id `id`.
     pub fn get(&self, id: StreamId) -> Option<&[Field]> {
         self.entries.get(&id).map(Vec::as_slice)

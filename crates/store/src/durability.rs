@@ -1,0 +1,105 @@
+//! Group commit.
+//!
+//! Every committed mutation gets a commit number. In `group` mode a caller
+//! waits until a flush has covered its number. The
+//! first waiter to find no flush running becomes the leader: it notes the
+//! highest commit number so far, flushes once, and publishes that number as
+//! durable, releasing every writer that committed before the flush started.
+//! Writers arriving during a flush wait for it and, if it did not cover
+//! them, lead the next one. So under load one flush serves many writes, and
+//! there is no background thread: the scheme runs on whatever executor the
+//! caller uses, the simulator's included.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Mutex, MutexGuard};
+
+use crate::error::Result;
+
+/// When a write is acknowledged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After a disk flush shared by concurrent writes (the default).
+    #[default]
+    Group,
+    /// Before the flush: sled's background flush makes it durable within
+    /// `flush_every_ms`; a crash may lose writes acknowledged in that window.
+    Relaxed,
+}
+
+/// Commit numbers and the flush that makes them durable.
+pub(crate) struct GroupCommit {
+    committed: AtomicU64,
+    durable: watch::Sender<u64>,
+    flusher: Mutex<()>,
+    flushes: AtomicU64,
+}
+
+/// The flush leader's hold on the flush lock. When dropped it first
+/// releases the lock and then publishes "something changed", so every
+/// waiter re-checks after the lock is free: a waiter woken while the lock
+/// was still held would find it taken and wait for a wake-up that never
+/// comes. Dropping covers a failed flush and a leader future dropped
+/// half-way alike.
+struct Leader<'a> {
+    lock: Option<MutexGuard<'a, ()>>,
+    durable: &'a watch::Sender<u64>,
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        self.lock.take();
+        self.durable.send_modify(|_| {});
+    }
+}
+
+impl GroupCommit {
+    pub(crate) fn new() -> Self {
+        GroupCommit {
+            committed: AtomicU64::new(0),
+            durable: watch::Sender::new(0),
+            flusher: Mutex::new(()),
+            flushes: AtomicU64::new(0),
+        }
+    }
+
+    /// Records a committed mutation and returns its commit number. Call it
+    /// after the transaction committed, under the writer lock.
+    pub(crate) fn committed(&self) -> u64 {
+        self.committed.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Number of flushes done by waiters so far.
+    pub(crate) fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::Relaxed)
+    }
+
+    /// Waits until commit `n` is durable, flushing `db` if no one else is.
+    pub(crate) async fn wait(&self, db: &sled::Db, n: u64) -> Result<()> {
+        let mut rx = self.durable.subscribe();
+        loop {
+            if *rx.borrow_and_update() >= n {
+                return Ok(());
+            }
+            match self.flusher.try_lock() {
+                Ok(lock) => {
+                    let _leader = Leader {
+                        lock: Some(lock),
+                        durable: &self.durable,
+                    };
+                    let target = self.committed.load(Ordering::SeqCst);
+                    db.flush_async().await?;
+                    self.flushes.fetch_add(1, Ordering::Relaxed);
+                    self.durable.send_modify(|d| *d = (*d).max(target));
+                }
+                Err(_) => {
+                    // The sender lives as long as `self`, so this cannot
+                    // fail while we hold `&self`.
+                    let _ = rx.changed().await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1082 @@
+//! The region store: open, write, apply, read.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use concord_core::catalog::KeyspaceView;
+use concord_core::crdt::{Field, Intent, Stream, StreamEntry, StreamId, StreamOp};
+use concord_core::{
+    Catalog, Clock, CoreError, CrdtType, Delta, Hlc, KeyspaceId, Limits, Marker, Op, ReplicaId,
+    Value, VersionVector,
+};
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+
+use crate::durability::{Durability, GroupCommit};
+use crate::error::{Result, StoreError};
+use crate::layout::{self, meta, trees, FORMAT_VERSION};
+
+/// Who a data directory belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// Region name, e.g. `us-east`.
+    pub region: String,
+    /// The region's replica id.
+    pub replica: ReplicaId,
+}
+
+/// How a store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// When writes are acknowledged.
+    pub durability: Durability,
+    /// Interval of sled's background flush, in milliseconds.
+    pub flush_every_ms: u64,
+    /// sled's page cache size, in bytes.
+    pub cache_capacity_bytes: u64,
+    /// Size limits applied to writes and remote deltas.
+    pub limits: Limits,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            durability: Durability::Group,
+            flush_every_ms: 500,
+            cache_capacity_bytes: 256 << 20,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// One item of a local batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    /// A write of one key.
+    Write {
+        /// The keyspace (name and type, as resolved by the catalog).
+        keyspace: KeyspaceId,
+        /// The key.
+        key: String,
+        /// What to do.
+        intent: Intent,
+    },
+    /// A read of one key's value. For a stream the value holds only the
+    /// trim watermark; read its entries with [`Item::StreamRange`].
+    Get {
+        /// The keyspace.
+        keyspace: KeyspaceId,
+        /// The key.
+        key: String,
+    },
+    /// A read of stream entries with `from <= id <= to`, at most `count`.
+    StreamRange {
+        /// The keyspace (of type stream).
+        keyspace: KeyspaceId,
+        /// The key.
+        key: String,
+        /// First id.
+        from: StreamId,
+        /// Last id.
+        to: StreamId,
+        /// Most entries.
+        count: usize,
+    },
+}
+
+/// The result of one item, in the order of the items.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ItemResult {
+    /// A write: its delta's sequence number (0 when it changed nothing and
+    /// was not logged), its HLC, and the value after it.
+    Written {
+        /// Sequence number in this region's log; 0 for a no-op.
+        seq: u64,
+        /// The write's timestamp; for a stream append, the entry id's.
+        hlc: Hlc,
+        /// The value after the write (for streams, the watermark only).
+        value: Value,
+    },
+    /// A read's value (empty for a key never written).
+    Value(Value),
+    /// A stream range read's entries.
+    Entries(Vec<StreamEntry>),
+}
+
+/// What a committed local batch returns.
+#[derive(Debug)]
+pub struct WriteReceipt {
+    /// One result per item.
+    pub results: Vec<ItemResult>,
+    /// Commit number; pass the receipt to [`Store::durable`].
+    commit: Option<u64>,
+}
+
+/// What applying a remote batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Deltas applied.
+    pub applied: usize,
+    /// Deltas dropped as already applied.
+    pub duplicates: usize,
+    /// Commit number, if anything was applied.
+    commit: Option<u64>,
+}
+
+/// A region's durable state.
+pub struct Store {
+    path: PathBuf,
+    db: sled::Db,
+    t: Trees,
+    identity: Identity,
+    options: StoreOptions,
+    /// Serializes every mutation; holds the next local sequence number.
+    writer: Mutex<u64>,
+    group: GroupCommit,
+}
+
+#[derive(Clone)]
+struct Trees {
+    meta: sled::Tree,
+    catalog: sled::Tree,
+    values: sled::Tree,
+    rows: sled::Tree,
+    log: sled::Tree,
+    vv: sled::Tree,
+    acks: sled::Tree,
+}
+
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<StoreError>>;
+
+fn abort<T>(e: impl Into<StoreError>) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e.into()))
+}
+
+fn from_tx(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Sled(e),
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .field("identity", &self.identity)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the data directory `path` for region `identity`.
+    ///
+    /// Refuses, without writing anything, a directory that belongs to
+    /// another region, has another format version, or whose records do not
+    /// decode.
+    pub fn open(path: &Path, identity: Identity, options: StoreOptions) -> Result<Store> {
+        options.limits.validate()?;
+        let db = open_db(path, &options)?;
+        let t = Trees {
+            meta: db.open_tree(trees::META)?,
+            catalog: db.open_tree(trees::CATALOG)?,
+            values: db.open_tree(trees::VALUES)?,
+            rows: db.open_tree(trees::STREAM_ROWS)?,
+            log: db.open_tree(trees::LOG)?,
+            vv: db.open_tree(trees::VV)?,
+            acks: db.open_tree(trees::ACKS)?,
+        };
+        match t.meta.get(meta::FORMAT)? {
+            None => {
+                let has_data = [&t.catalog, &t.values, &t.rows, &t.log, &t.vv, &t.acks]
+                    .iter()
+                    .any(|tree| !tree.is_empty());
+                if has_data {
+                    return Err(StoreError::Corrupt(format!(
+                        "{} holds data but no format record",
+                        path.display()
+                    )));
+                }
+                let identity_bytes = postcard::to_stdvec(&identity)
+                    .map_err(|e| StoreError::Corrupt(format!("encoding identity: {e}")))?;
+                let mut batch = sled::Batch::default();
+                batch.insert(meta::IDENTITY, identity_bytes);
+                batch.insert(meta::FORMAT, &FORMAT_VERSION.to_be_bytes());
+                t.meta.apply_batch(batch)?;
+                db.flush()?;
+            }
+            Some(format) => {
+                let found = <[u8; 4]>::try_from(format.as_ref())
+                    .map(u32::from_be_bytes)
+                    .map_err(|_| StoreError::Corrupt("format record is not 4 bytes".into()))?;
+                if found != FORMAT_VERSION {
+                    return Err(StoreError::UnsupportedFormat {
+                        path: path.to_path_buf(),
+                        found,
+                        supported: FORMAT_VERSION,
+                    });
+                }
+                let stored: Identity = t
+                    .meta
+                    .get(meta::IDENTITY)?
+                    .ok_or_else(|| StoreError::Corrupt("identity record missing".into()))
+                    .and_then(|b| {
+                        postcard::from_bytes(&b)
+                            .map_err(|e| StoreError::Corrupt(format!("identity record: {e}")))
+                    })?;
+                if stored != identity {
+                    return Err(StoreError::WrongRegion {
+                        path: path.to_path_buf(),
+                        region: identity.region,
+                        replica: identity.replica,
+                        found_region: stored.region,
+                        found_replica: stored.replica,
+                    });
+                }
+            }
+        }
+        let store = Store {
+            path: path.to_path_buf(),
+            db,
+            t,
+            identity,
+            options,
+            writer: Mutex::new(0),
+            group: GroupCommit::new(),
+        };
+        let last = store.version_vector()?.get(store.identity.replica);
+        store.check_own_log(last)?;
+        *store.lock_writer() = last + 1;
+        Ok(store)
+    }
+
+    /// Checks that this region's log does not run past its version vector
+    /// entry, which only a corrupted directory can show.
+    fn check_own_log(&self, last: u64) -> Result<()> {
+        let me = self.identity.replica;
+        let end = layout::log_key(me, u64::MAX);
+        if let Some((k, _)) = self
+            .t
+            .log
+            .range(layout::log_key(me, 0)..=end)
+            .next_back()
+            .transpose()?
+        {
+            let seq = layout::parse_u64("log key", &k[4..])?;
+            if seq > last {
+                return Err(StoreError::Corrupt(format!(
+                    "own log reaches seq {seq} but the version vector says {last}"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, u64> {
+        // A panic while holding the lock cannot leave the store half-written
+        // (transactions are atomic), so a poisoned lock is still usable.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// This store's region.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The limits writes and deltas are checked against.
+    pub fn limits(&self) -> &Limits {
+        &self.options.limits
+    }
+
+    /// The durability mode.
+    pub fn durability(&self) -> Durability {
+        self.options.durability
+    }
+
+    /// Number of group-commit flushes so far.
+    pub fn flush_count(&self) -> u64 {
+        self.group.flushes()
+    }
+
+    /// Waits until the writes of `receipt` are durable. In `relaxed` mode it
+    /// returns at once.
+    pub async fn durable(&self, receipt: &WriteReceipt) -> Result<()> {
+        self.wait_commit(receipt.commit).await
+    }
+
+    /// Waits until an applied remote batch is durable (in `group` mode), so
+    /// it can be acknowledged upstream.
+    pub async fn durable_apply(&self, report: &ApplyReport) -> Result<()> {
+        self.wait_commit(report.commit).await
+    }
+
+    async fn wait_commit(&self, commit: Option<u64>) -> Result<()> {
+        match (self.options.durability, commit) {
+            (Durability::Group, Some(n)) => self.group.wait(&self.db, n).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Flushes everything to disk now.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------
+    // Mutations.
+
+    /// Declares a keyspace locally: logs and replicates the declaration when
+    /// it is new. Returns the keyspace and whether this call declared it;
+    /// fails when the name is held by another type.
+    pub fn declare(&self, clock: &Clock, name: &str, ty: CrdtType) -> Result<(KeyspaceView, bool)> {
+        let mut next = self.lock_writer();
+        if let Some(view) = self.catalog()?.check_create(name, ty)? {
+            return Ok((view, false));
+        }
+        let seq = *next;
+        let delta = Delta {
+            origin: self.identity.replica,
+            seq,
+            hlc: clock.now()?,
+            keyspace: name.to_string(),
+            key: String::new(),
+            op: Op::Declare(ty),
+        };
+        let bytes = delta.encode_checked(&self.options.limits)?;
+        let marker = delta.marker();
+        let hwm = clock.last();
+        (&self.t.catalog, &self.t.log, &self.t.vv, &self.t.meta)
+            .transaction(|(catalog, log, vv, meta)| {
+                tx_declare(catalog, name, ty, marker)?;
+                log.insert(&layout::log_key(delta.origin, seq), bytes.as_slice())?;
+                vv.insert(&layout::replica_key(delta.origin), &seq.to_be_bytes())?;
+                tx_raise_hlc(meta, hwm)?;
+                Ok(())
+            })
+            .map_err(from_tx)?;
+        *next = seq + 1;
+        self.group.committed();
+        let view = self
+            .catalog()?
+            .describe(name)
+            .ok_or_else(|| StoreError::Corrupt(format!("declared {name:?} but cannot read it")))?;
+        Ok((view, true))
+    }
+
+    /// Runs a local batch atomically: every write is prepared from the
+    /// current value, stamped with its own HLC and sequence number, applied,
+    /// logged and recorded in the version vector, all in one transaction;
+    /// reads see the batch's earlier writes. Either the whole batch commits
+    /// or nothing does.
+    pub fn write(&self, clock: &Clock, items: &[Item]) -> Result<WriteReceipt> {
+        let mut next = self.lock_writer();
+        let mut hlcs = Vec::new();
+        for item in items {
+            if let Item::Write { .. } = item {
+                hlcs.push(clock.now()?);
+            }
+        }
+        let hwm = clock.last();
+        let me = self.identity.replica;
+        let limits = &self.options.limits;
+        let first_seq = *next;
+        let preloaded = RowOverlay::preload(&self.t.rows, &self.row_needs_of_items(items)?)?;
+        let (results, last_seq) = (
+            &self.t.catalog,
+            &self.t.values,
+            &self.t.rows,
+            &self.t.log,
+            &self.t.vv,
+            &self.t.meta,
+        )
+            .transaction(|(catalog, values, rows, log, vv, meta)| {
+                let mut seq = first_seq - 1;
+                let mut overlay = preloaded.clone();
+                let mut stamps = hlcs.iter();
+                let mut results = Vec::with_capacity(items.len());
+                for item in items {
+                    let result = match item {
+                        Item::Write {
+                            keyspace,
+                            key,
+                            intent,
+                        } => {
+                            let Some(&hlc) = stamps.next() else {
+                                return abort(StoreError::Corrupt("missing stamp".into()));
+                            };
+                            if catalog
+                                .get(layout::catalog_key(&keyspace.name, keyspace.ty))?
+                                .is_none()
+                            {
+                                return abort(StoreError::UnknownKeyspace {
+                                    name: keyspace.name.clone(),
+                                    ty: keyspace.ty,
+                                });
+                            }
+                            if let Err(e) = limits.check_key(key) {
+                                return abort(e);
+                            }
+                            let current = tx_value(values, keyspace, key)?;
+                            let op = match current.prepare(me, hlc, intent, limits) {
+                                Ok(op) => op,
+                                Err(e) => return abort(e),
+                            };
+                            match op {
+                                None => ItemResult::Written {
+                                    seq: 0,
+                                    hlc,
+                                    value: current,
+                                },
+                                Some(op) => {
+                                    seq += 1;
+                                    let delta = Delta {
+                                        origin: me,
+                                        seq,
+                                        hlc,
+                                        keyspace: keyspace.name.clone(),
+                                        key: key.clone(),
+                                        op,
+                                    };
+                                    let bytes = match delta.encode_checked(limits) {
+                                        Ok(b) => b,
+                                        Err(e) => return abort(e),
+                                    };
+                                    let value = tx_apply(values, rows, &mut overlay, &delta)?;
+                                    log.insert(&layout::log_key(me, seq), bytes)?;
+                                    ItemResult::Written { seq, hlc, value }
+                                }
+                            }
+                        }
+                        Item::Get { keyspace, key } => {
+                            ItemResult::Value(tx_value(values, keyspace, key)?)
+                        }
+                        Item::StreamRange {
+                            keyspace,
+                            key,
+                            from,
+                            to,
+                            count,
+                        } => {
+                            let watermark = match tx_value(values, keyspace, key)? {
+                                Value::Stream(s) => s.trimmed_before(),
+                                other => {
+                                    return abort(CoreError::TypeMismatch {
+                                        expected: other.crdt_type(),
+                                        found: CrdtType::Stream,
+                                    })
+                                }
+                            };
+                            let from = (*from).max(watermark);
+                            ItemResult::Entries(
+                                overlay
+                                    .range(&keyspace.name, key, from, *to, *count)
+                                    .map_err(ConflictableTransactionError::Abort)?,
+                            )
+                        }
+                    };
+                    results.push(result);
+                }
+                if seq >= first_seq {
+                    vv.insert(&layout::replica_key(me), &seq.to_be_bytes())?;
+                }
+                tx_raise_hlc(meta, hwm)?;
+                Ok((results, seq))
+            })
+            .map_err(from_tx)?;
+        let wrote = last_seq >= first_seq;
+        *next = last_seq + 1;
+        let commit = wrote.then(|| self.group.committed());
+        Ok(WriteReceipt { results, commit })
+    }
+
+    /// The committed stream rows a local batch may need inside its
+    /// transaction: rows below each trim's watermark, and for each range
+    /// read `count` rows from every lower bound the stream's watermark can
+    /// have at that point of the batch.
+    fn row_needs_of_items(&self, items: &[Item]) -> Result<Vec<RowNeed>> {
+        let mut needs = Vec::new();
+        let mut trims: BTreeMap<(String, String), Vec<StreamId>> = BTreeMap::new();
+        for item in items {
+            if let Item::Write {
+                keyspace,
+                key,
+                intent: Intent::StreamTrim(before),
+            } = item
+            {
+                needs.push(RowNeed {
+                    name: keyspace.name.clone(),
+                    key: key.clone(),
+                    from: StreamId::MIN,
+                    to: *before,
+                    limit: usize::MAX,
+                });
+                trims
+                    .entry((keyspace.name.clone(), key.clone()))
+                    .or_default()
+                    .push(*before);
+            }
+        }
+        for item in items {
+            if let Item::StreamRange {
+                keyspace,
+                key,
+                from,
+                to,
+                count,
+            } = item
+            {
+                let committed = match self.get(keyspace, key)? {
+                    Value::Stream(s) => s.trimmed_before(),
+                    _ => StreamId::MIN,
+                };
+                let mut lows = vec![committed];
+                if let Some(t) = trims.get(&(keyspace.name.clone(), key.clone())) {
+                    lows.extend(t.iter().copied());
+                }
+                for low in lows {
+                    needs.push(RowNeed {
+                        name: keyspace.name.clone(),
+                        key: key.clone(),
+                        from: (*from).max(low),
+                        to: *to,
+                        limit: *count,
+                    });
+                }
+            }
+        }
+        Ok(needs)
+    }
+
+    /// Applies deltas received from a peer, atomically: each `(origin,
+    /// seq)` exactly once and in order. Deltas already applied are dropped;
+    /// a delta that skips ahead of its origin refuses the whole batch with
+    /// [`StoreError::Gap`] and nothing of it is applied. `hwm` is the
+    /// node's clock after observing the batch, persisted as the high-water
+    /// mark.
+    pub fn apply_remote(&self, deltas: &[Delta], hwm: Hlc) -> Result<ApplyReport> {
+        for d in deltas {
+            d.validate(&self.options.limits)?;
+        }
+        let me = self.identity.replica;
+        let _next = self.lock_writer();
+        let needs: Vec<RowNeed> = deltas
+            .iter()
+            .filter_map(|d| match &d.op {
+                Op::Stream(StreamOp::Trim { before }) => Some(RowNeed {
+                    name: d.keyspace.clone(),
+                    key: d.key.clone(),
+                    from: StreamId::MIN,
+                    to: *before,
+                    limit: usize::MAX,
+                }),
+                _ => None,
+            })
+            .collect();
+        let preloaded = RowOverlay::preload(&self.t.rows, &needs)?;
+        let report = (
+            &self.t.catalog,
+            &self.t.values,
+            &self.t.rows,
+            &self.t.log,
+            &self.t.vv,
+            &self.t.meta,
+        )
+            .transaction(|(catalog, values, rows, log, vv, meta)| {
+                let mut report = ApplyReport::default();
+                let mut seen: BTreeMap<ReplicaId, u64> = BTreeMap::new();
+                let mut overlay = preloaded.clone();
+                for d in deltas {
+                    let applied = match seen.get(&d.origin) {
+                        Some(&s) => s,
+                        None => tx_vv_get(vv, d.origin)?,
+                    };
+                    if d.seq <= applied {
+                        report.duplicates += 1;
+                        continue;
+                    }
+                    if d.origin == me {
+                        return abort(StoreError::OwnDeltaAhead {
+                            seq: d.seq,
+                            local: applied,
+                        });
+                    }
+                    if d.seq != applied + 1 {
+                        return abort(StoreError::Gap {
+                            origin: d.origin,
+                            expected: applied + 1,
+                            got: d.seq,
+                        });
+                    }
+                    match &d.op {
+                        Op::Declare(ty) => tx_declare(catalog, &d.keyspace, *ty, d.marker())?,
+                        _ => {
+                            tx_apply(values, rows, &mut overlay, d)?;
+                        }
+                    }
+                    log.insert(&layout::log_key(d.origin, d.seq), d.encode())?;
+                    seen.insert(d.origin, d.seq);
+                    report.applied += 1;
+                }
+                for (origin, seq) in &seen {
+                    vv.insert(&layout::replica_key(*origin), &seq.to_be_bytes())?;
+                }
+                if report.applied > 0 {
+                    tx_raise_hlc(meta, hwm)?;
+                }
+                Ok(report)
+            })
+            .map_err(from_tx)?;
+        let commit = (report.applied > 0).then(|| self.group.committed());
+        Ok(ApplyReport { commit, ..report })
+    }
+
+    /// Records a peer's acknowledged version vector.
+    pub fn set_peer_ack(&self, peer: ReplicaId, acked: &VersionVector) -> Result<()> {
+        let bytes = postcard::to_stdvec(acked)
+            .map_err(|e| StoreError::Corrupt(format!("encoding ack: {e}")))?;
+        self.t.acks.insert(layout::replica_key(peer), bytes)?;
+        Ok(())
+    }
+
+    /// Raises the persisted HLC high-water mark to `hlc`.
+    pub fn raise_hlc_high_water(&self, hlc: Hlc) -> Result<()> {
+        let _w = self.lock_writer();
+        if hlc > self.hlc_high_water()? {
+            self.t.meta.insert(meta::HLC, &hlc.as_u64().to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------
+    // Reads.
+
+    /// The value of one key; empty for a key never written. For a stream
+    /// the value holds only the trim watermark: see [`Store::stream_range`].
+    pub fn get(&self, keyspace: &KeyspaceId, key: &str) -> Result<Value> {
+        match self.t.values.get(layout::value_key(keyspace, key))? {
+            None => Ok(Value::empty(keyspace.ty)),
+            Some(bytes) => decode_value(&bytes, keyspace.ty),
+        }
+    }
+
+    /// Stream entries with `from <= id <= to`, in id order, at most `count`.
+    pub fn stream_range(
+        &self,
+        keyspace: &KeyspaceId,
+        key: &str,
+        from: StreamId,
+        to: StreamId,
+        count: usize,
+    ) -> Result<Vec<StreamEntry>> {
+        let watermark = match self.get(keyspace, key)? {
+            Value::Stream(s) => s.trimmed_before(),
+            other => {
+                return Err(CoreError::TypeMismatch {
+                    expected: other.crdt_type(),
+                    found: CrdtType::Stream,
+                }
+                .into())
+            }
+        };
+        let from = from.max(watermark);
+        let lo = layout::row_key(&keyspace.name, key, from);
+        let hi = layout::row_key(&keyspace.name, key, to);
+        if lo > hi {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for item in self.t.rows.range(lo..=hi).take(count) {
+            let (k, v) = item?;
+            out.push(decode_row(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    /// A stream with its entries, for tests and snapshots of small streams.
+    pub fn stream(&self, keyspace: &KeyspaceId, key: &str) -> Result<Stream> {
+        let entries = self.stream_range(keyspace, key, StreamId::MIN, StreamId::MAX, usize::MAX)?;
+        let watermark = match self.get(keyspace, key)? {
+            Value::Stream(s) => s.trimmed_before(),
+            _ => StreamId::MIN,
+        };
+        Ok(Stream::from_parts(
+            watermark,
+            entries.into_iter().map(|e| (e.id, e.fields)),
+        ))
+    }
+
+    /// Keys of a keyspace after `after` (exclusive), in key byte order, with
+    /// their values, at most `max_keys`: iterate a keyspace in bounded
+    /// chunks.
+    pub fn scan(
+        &self,
+        keyspace: &KeyspaceId,
+        after: Option<&str>,
+        max_keys: usize,
+    ) -> Result<Vec<(String, Value)>> {
+        let prefix = layout::keyspace_prefix(keyspace);
+        let start = match after {
+            Some(k) => {
+                let mut s = layout::value_key(keyspace, k);
+                s.push(0);
+                s
+            }
+            None => prefix.clone(),
+        };
+        let mut out = Vec::new();
+        for item in self.t.values.range(start..) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) || out.len() >= max_keys {
+                break;
+            }
+            let key = std::str::from_utf8(&k[prefix.len()..])
+                .map_err(|_| StoreError::Corrupt("stored key is not UTF-8".into()))?;
+            out.push((key.to_string(), decode_value(&v, keyspace.ty)?));
+        }
+        Ok(out)
+    }
+
+    /// The keyspace catalog.
+    pub fn catalog(&self) -> Result<Catalog> {
+        let mut catalog = Catalog::new();
+        for item in self.t.catalog.iter() {
+            let (k, v) = item?;
+            let (name, ty) = layout::parse_catalog_key(&k)?;
+            let marker: Marker = postcard::from_bytes(&v)
+                .map_err(|e| StoreError::Corrupt(format!("catalog marker of {name:?}: {e}")))?;
+            catalog.declare(&name, ty, marker);
+        }
+        Ok(catalog)
+    }
+
+    /// What this region has applied, per origin.
+    pub fn version_vector(&self) -> Result<VersionVector> {
+        let mut vv = VersionVector::new();
+        for item in self.t.vv.iter() {
+            let (k, v) = item?;
+            vv.advance(
+                layout::parse_replica_key(&k)?,
+                layout::parse_u64("vv entry", &v)?,
+            );
+        }
+        Ok(vv)
+    }
+
+    /// Deltas of `origin` from `from_seq` on, in order, at most `max_count`
+    /// and about `max_bytes` (at least one delta if any is there).
+    pub fn log_from(
+        &self,
+        origin: ReplicaId,
+        from_seq: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Delta>> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let range = layout::log_key(origin, from_seq)..=layout::log_key(origin, u64::MAX);
+        for item in self.t.log.range(range) {
+            let (_, v) = item?;
+            if out.len() >= max_count || (!out.is_empty() && bytes + v.len() > max_bytes) {
+                break;
+            }
+            bytes += v.len();
+            out.push(
+                Delta::decode(&v, &self.options.limits)
+                    .map_err(|e| StoreError::Corrupt(format!("log of replica {origin}: {e}")))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Every peer's acknowledged version vector.
+    pub fn peer_acks(&self) -> Result<BTreeMap<ReplicaId, VersionVector>> {
+        let mut out = BTreeMap::new();
+        for item in self.t.acks.iter() {
+            let (k, v) = item?;
+            let vv: VersionVector = postcard::from_bytes(&v)
+                .map_err(|e| StoreError::Corrupt(format!("peer ack: {e}")))?;
+            out.insert(layout::parse_replica_key(&k)?, vv);
+        }
+        Ok(out)
+    }
+
+    /// The persisted HLC high-water mark: restart the clock above it.
+    pub fn hlc_high_water(&self) -> Result<Hlc> {
+        match self.t.meta.get(meta::HLC)? {
+            None => Ok(Hlc::ZERO),
+            Some(v) => Ok(Hlc::from_u64(layout::parse_u64("hlc record", &v)?)),
+        }
+    }
+}
+
+/// How many times, and how far apart, opening retries a directory whose
+/// lock is still held: sled releases it a moment after the previous `Db` in
+/// this process is dropped (its background threads hold it until they
+/// stop), so a close followed by an open must wait a little.
+const OPEN_LOCK_ATTEMPTS: u32 = 100;
+const OPEN_LOCK_RETRY_MS: u64 = 20;
+
+fn open_db(path: &Path, options: &StoreOptions) -> Result<sled::Db> {
+    let config = sled::Config::new()
+        .path(path)
+        .flush_every_ms(Some(options.flush_every_ms.max(1)))
+        .cache_capacity(options.cache_capacity_bytes);
+    let mut attempt = 1;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && attempt < OPEN_LOCK_ATTEMPTS =>
+            {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(OPEN_LOCK_RETRY_MS));
+            }
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                return Err(StoreError::InUse {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+fn decode_value(bytes: &[u8], ty: CrdtType) -> Result<Value> {
+    let value = Value::decode(bytes).map_err(|e| StoreError::Corrupt(format!("value: {e}")))?;
+    if value.crdt_type() != ty {
+        return Err(StoreError::Corrupt(format!(
+            "a {} value is stored under a {ty} keyspace",
+            value.crdt_type()
+        )));
+    }
+    Ok(value)
+}
+
+fn tx_value(values: &TransactionalTree, ks: &KeyspaceId, key: &str) -> TxResult<Value> {
+    match values.get(layout::value_key(ks, key))? {
+        None => Ok(Value::empty(ks.ty)),
+        Some(bytes) => decode_value(&bytes, ks.ty).or_else(abort),
+    }
+}
+
+fn tx_vv_get(vv: &TransactionalTree, origin: ReplicaId) -> TxResult<u64> {
+    match vv.get(layout::replica_key(origin))? {
+        None => Ok(0),
+        Some(v) => layout::parse_u64("vv entry", &v).or_else(abort),
+    }
+}
+
+fn tx_declare(
+    catalog: &TransactionalTree,
+    name: &str,
+    ty: CrdtType,
+    marker: Marker,
+) -> TxResult<()> {
+    let key = layout::catalog_key(name, ty);
+    let keep = match catalog.get(&key)? {
+        Some(existing) => {
+            let existing: Marker = match postcard::from_bytes(&existing) {
+                Ok(m) => m,
+                Err(e) => return abort(StoreError::Corrupt(format!("catalog marker: {e}"))),
+            };
+            existing.min(marker)
+        }
+        None => marker,
+    };
+    match postcard::to_stdvec(&keep) {
+        Ok(bytes) => {
+            catalog.insert(key, bytes)?;
+            Ok(())
+        }
+        Err(e) => abort(StoreError::Corrupt(format!("encoding marker: {e}"))),
+    }
+}
+
+fn tx_raise_hlc(meta: &TransactionalTree, hwm: Hlc) -> TxResult<()> {
+    let current = match meta.get(meta::HLC)? {
+        None => 0,
+        Some(v) => layout::parse_u64("hlc record", &v).or_else(abort)?,
+    };
+    if hwm.as_u64() > current {
+        meta.insert(meta::HLC, &hwm.as_u64().to_be_bytes())?;
+    }
+    Ok(())
+}
+
+/// Applies a value operation inside a transaction and returns the value
+/// after it (for streams, the watermark only).
+fn tx_apply(
+    values: &TransactionalTree,
+    rows: &TransactionalTree,
+    overlay: &mut RowOverlay,
+    d: &Delta,
+) -> TxResult<Value> {
+    let Some(ty) = d.op.crdt_type() else {
+        return abort(CoreError::Invalid {
+            what: "operation",
+            reason: "a declaration is not a value operation".into(),
+        });
+    };
+    let ks = KeyspaceId {
+        name: d.keyspace.clone(),
+        ty,
+    };
+    let vkey = layout::value_key(&ks, &d.key);
+    let mut value = tx_value(values, &ks, &d.key)?;
+    match (&mut value, &d.op) {
+        (Value::Stream(stream), Op::Stream(StreamOp::Append { fields })) => {
+            let id = StreamId::new(d.hlc, d.origin);
+            if id >= stream.trimmed_before() {
+                let rk = layout::row_key(&d.keyspace, &d.key, id);
+                let keep = match rows.get(&rk)? {
+                    None => true,
+                    Some(existing) => {
+                        // Same id seen again: keep the greater fields so a
+                        // broken peer cannot make replicas diverge.
+                        let existing: Vec<Field> =
+                            postcard::from_bytes(&existing).unwrap_or_default();
+                        fields.as_slice() > existing.as_slice()
+                    }
+                };
+                if keep {
+                    let bytes = match postcard::to_stdvec(fields) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            return abort(StoreError::Corrupt(format!("encoding entry: {e}")))
+                        }
+                    };
+                    rows.insert(rk.clone(), bytes.clone())?;
+                    overlay.inserted.insert(rk, bytes);
+                }
+            }
+            // The watermark record exists from the first write on.
+            values.insert(vkey, value.encode())?;
+        }
+        (Value::Stream(stream), Op::Stream(StreamOp::Trim { before })) => {
+            if *before > stream.trimmed_before() {
+                let dead = overlay.keys_below(&d.keyspace, &d.key, *before);
+                for k in dead {
+                    rows.remove(k.clone())?;
+                    overlay.inserted.remove(&k);
+                    overlay.removed.insert(k);
+                }
+                *stream = Stream::from_parts(*before, std::iter::empty());
+            }
+            values.insert(vkey, value.encode())?;
+        }
+        _ => {
+            if let Err(e) = value.apply(d.origin, d.hlc, &d.op) {
+                return abort(e);
+            }
+            values.insert(vkey, value.encode())?;
+        }
+    }
+    Ok(value)
+}
+
+/// Stream rows as the current transaction sees them: the committed rows
+/// it needs, read before the transaction started (sled transactions cannot
+/// scan, and a scan inside one would deadlock on sled's concurrency lock),
+/// with the transaction's own inserts and removes laid over them. The
+/// committed rows cannot change meanwhile: every mutation holds the writer
+/// lock.
+#[derive(Default, Clone)]
+struct RowOverlay {
+    committed: BTreeMap<Vec<u8>, Vec<u8>>,
+    inserted: BTreeMap<Vec<u8>, Vec<u8>>,
+    removed: BTreeSet<Vec<u8>>,
+}
+
+/// A range of one stream's committed rows a transaction will need.
+struct RowNeed {
+    name: String,
+    key: String,
+    from: StreamId,
+    to: StreamId,
+    /// Most rows to read from `from` on.
+    limit: usize,
+}
+
+impl RowOverlay {
+    /// Reads the committed rows `needs` asks for.
+    fn preload(committed: &sled::Tree, needs: &[RowNeed]) -> Result<RowOverlay> {
+        let mut overlay = RowOverlay::default();
+        for need in needs {
+            let lo = layout::row_key(&need.name, &need.key, need.from);
+            let hi = layout::row_key(&need.name, &need.key, need.to);
+            if lo > hi {
+                continue;
+            }
+            for item in committed.range(lo..=hi).take(need.limit) {
+                let (k, v) = item?;
+                overlay.committed.insert(k.to_vec(), v.to_vec());
+            }
+        }
+        Ok(overlay)
+    }
+
+    fn rows_between(
+        &self,
+        name: &str,
+        key: &str,
+        from: StreamId,
+        to: StreamId,
+    ) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        let lo = layout::row_key(name, key, from);
+        let hi = layout::row_key(name, key, to);
+        let mut rows = BTreeMap::new();
+        if lo > hi {
+            return rows;
+        }
+        for (k, v) in self.committed.range(lo.clone()..=hi.clone()) {
+            if !self.removed.contains(k) {
+                rows.insert(k.clone(), v.clone());
+            }
+        }
+        for (k, v) in self.inserted.range(lo..=hi) {
+            rows.insert(k.clone(), v.clone());
+        }
+        rows
+    }
+
+    fn range(
+        &self,
+        name: &str,
+        key: &str,
+        from: StreamId,
+        to: StreamId,
+        count: usize,
+    ) -> Result<Vec<StreamEntry>> {
+        self.rows_between(name, key, from, to)
+            .into_iter()
+            .take(count)
+            .map(|(k, v)| decode_row(&k, &v))
+            .collect()
+    }
+
+    fn keys_below(&self, name: &str, key: &str, before: StreamId) -> Vec<Vec<u8>> {
+        let limit = layout::row_key(name, key, before);
+        self.rows_between(name, key, StreamId::MIN, before)
+            .into_keys()
+            .filter(|k| *k < limit)
+            .collect()
+    }
+}
+
+fn decode_row(k: &[u8], v: &[u8]) -> Result<StreamEntry> {
+    let fields: Vec<Field> =
+        postcard::from_bytes(v).map_err(|e| StoreError::Corrupt(format!("stream entry: {e}")))?;
+    Ok(StreamEntry {
+        id: layout::parse_row_id(k)?,
+        fields,
+    })
+}

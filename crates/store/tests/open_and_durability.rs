@@ -1,0 +1,246 @@
+//! Opening data directories (refusing the wrong ones) and group commit.
+
+use std::sync::Arc;
+
+use concord_core::clock::{ManualTime, HLC_EPOCH_UNIX_MS};
+use concord_core::{Clock, CrdtType, Hlc, Intent, KeyspaceId, ReplicaId, Value};
+use concord_store::{Durability, Identity, Item, Store, StoreError, StoreOptions};
+
+fn identity(region: &str, replica: u32) -> Identity {
+    Identity {
+        region: region.into(),
+        replica: ReplicaId(replica),
+    }
+}
+
+fn clock() -> Clock {
+    Clock::new(
+        Arc::new(ManualTime::new(HLC_EPOCH_UNIX_MS + 1_000)),
+        0,
+        Hlc::ZERO,
+    )
+    .expect("clock")
+}
+
+fn counter() -> KeyspaceId {
+    KeyspaceId {
+        name: "hits".into(),
+        ty: CrdtType::Counter,
+    }
+}
+
+fn incr(store: &Store, clock: &Clock) -> concord_store::WriteReceipt {
+    store
+        .write(
+            clock,
+            &[Item::Write {
+                keyspace: counter(),
+                key: "k".into(),
+                intent: Intent::CounterAdd(1),
+            }],
+        )
+        .expect("write")
+}
+
+#[test]
+fn a_directory_of_another_region_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = clock();
+    {
+        let store =
+            Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect("open");
+        store
+            .declare(&clock, "hits", CrdtType::Counter)
+            .expect("declare");
+        incr(&store, &clock);
+        store.flush().expect("flush");
+    }
+    for wrong in [identity("west", 1), identity("east", 2)] {
+        let err = Store::open(dir.path(), wrong, StoreOptions::default()).expect_err("refused");
+        assert!(matches!(err, StoreError::WrongRegion { .. }), "{err}");
+        assert!(
+            err.to_string().contains("belongs to region \"east\""),
+            "{err}"
+        );
+    }
+    // Nothing was overwritten: the right region still reads its data.
+    let store =
+        Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect("reopen");
+    match store.get(&counter(), "k").expect("get") {
+        Value::Counter(c) => assert_eq!(c.value(), 1),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(store.version_vector().expect("vv").get(ReplicaId(1)), 2);
+}
+
+#[test]
+fn an_unknown_format_version_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect("open");
+    }
+    {
+        let db = sled::open(dir.path()).expect("sled");
+        db.open_tree("meta")
+            .expect("meta")
+            .insert("format", &99u32.to_be_bytes())
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    let err =
+        Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect_err("refused");
+    assert!(
+        matches!(err, StoreError::UnsupportedFormat { found: 99, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn corrupted_records_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect("open");
+    }
+    {
+        let db = sled::open(dir.path()).expect("sled");
+        db.open_tree("meta")
+            .expect("meta")
+            .insert("identity", &[0xff, 0xff, 0xff])
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    let err =
+        Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect_err("refused");
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+
+    // Data without a format record is not silently adopted either.
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let db = sled::open(dir.path()).expect("sled");
+        db.open_tree("values")
+            .expect("values")
+            .insert("x", "y")
+            .expect("insert");
+        db.flush().expect("flush");
+    }
+    let err =
+        Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect_err("refused");
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+}
+
+#[test]
+fn writes_to_undeclared_keyspaces_and_bad_keys_change_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = clock();
+    let store =
+        Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect("open");
+    let err = incr_result(&store, &clock, "k").expect_err("undeclared");
+    assert!(matches!(err, StoreError::UnknownKeyspace { .. }), "{err}");
+    store
+        .declare(&clock, "hits", CrdtType::Counter)
+        .expect("declare");
+    let long = "k".repeat(2000);
+    let err = incr_result(&store, &clock, &long).expect_err("long key");
+    assert!(err.is_invalid_input(), "{err}");
+    assert_eq!(store.version_vector().expect("vv").get(ReplicaId(1)), 1);
+    // A type mismatch in the middle of a batch refuses the whole batch.
+    let err = store
+        .write(
+            &clock,
+            &[
+                Item::Write {
+                    keyspace: counter(),
+                    key: "k".into(),
+                    intent: Intent::CounterAdd(5),
+                },
+                Item::Write {
+                    keyspace: counter(),
+                    key: "k".into(),
+                    intent: Intent::SetAdd(vec![b"x".to_vec()]),
+                },
+            ],
+        )
+        .expect_err("mismatch");
+    assert!(err.is_invalid_input(), "{err}");
+    assert_eq!(
+        store.get(&counter(), "k").expect("get"),
+        Value::empty(CrdtType::Counter)
+    );
+    assert_eq!(store.version_vector().expect("vv").get(ReplicaId(1)), 1);
+}
+
+fn incr_result(
+    store: &Store,
+    clock: &Clock,
+    key: &str,
+) -> Result<concord_store::WriteReceipt, StoreError> {
+    store.write(
+        clock,
+        &[Item::Write {
+            keyspace: counter(),
+            key: key.into(),
+            intent: Intent::CounterAdd(1),
+        }],
+    )
+}
+
+/// In group mode, 64 concurrent writers are acknowledged after flushes that
+/// they share: far fewer flushes than writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commit_shares_flushes_between_concurrent_writers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = Arc::new(clock());
+    let store = Arc::new(
+        Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect("open"),
+    );
+    assert_eq!(store.durability(), Durability::Group);
+    store
+        .declare(&clock, "hits", CrdtType::Counter)
+        .expect("declare");
+    let writers = 64;
+    let per_writer = 20;
+    let mut tasks = Vec::new();
+    for _ in 0..writers {
+        let store = store.clone();
+        let clock = clock.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per_writer {
+                let receipt = incr(&store, &clock);
+                store.durable(&receipt).await.expect("durable");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    let writes = (writers * per_writer) as u64;
+    let flushes = store.flush_count();
+    assert!(
+        flushes >= 1 && flushes < writes / 2,
+        "{flushes} flushes for {writes} writes"
+    );
+    match store.get(&counter(), "k").expect("get") {
+        Value::Counter(c) => assert_eq!(c.value(), writes as i128),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// In relaxed mode a write is acknowledged without waiting for a flush.
+#[tokio::test]
+async fn relaxed_mode_does_not_flush_per_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = clock();
+    let options = StoreOptions {
+        durability: Durability::Relaxed,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(dir.path(), identity("east", 1), options).expect("open");
+    store
+        .declare(&clock, "hits", CrdtType::Counter)
+        .expect("declare");
+    for _ in 0..10 {
+        let receipt = incr(&store, &clock);
+        store.durable(&receipt).await.expect("durable");
+    }
+    assert_eq!(store.flush_count(), 0);
+}
