@@ -67,8 +67,7 @@ impl Delta {
 
     /// Encodes the delta.
     pub fn encode(&self) -> Vec<u8> {
-        // Serializing plain data into a Vec cannot fail.
-        postcard::to_extend(self, vec![DELTA_FORMAT_V1]).unwrap_or_default()
+        crate::codec::encode(DELTA_FORMAT_V1, self)
     }
 
     /// Validates the delta and encodes it, refusing an encoding larger than
@@ -83,23 +82,7 @@ impl Delta {
     /// Decodes and validates a delta.
     pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Delta> {
         limits.check("delta size (bytes)", limits.max_delta_bytes, bytes.len())?;
-        let (&version, body) = bytes
-            .split_first()
-            .ok_or_else(|| CoreError::decode("delta", "empty input"))?;
-        if version != DELTA_FORMAT_V1 {
-            return Err(CoreError::UnsupportedFormat {
-                what: "delta",
-                version,
-            });
-        }
-        let (delta, rest): (Delta, _) =
-            postcard::take_from_bytes(body).map_err(|e| CoreError::decode("delta", e))?;
-        if !rest.is_empty() {
-            return Err(CoreError::decode(
-                "delta",
-                format!("{} trailing bytes", rest.len()),
-            ));
-        }
+        let delta: Delta = crate::codec::decode("delta", DELTA_FORMAT_V1, bytes)?;
         delta.validate(limits)?;
         Ok(delta)
     }

@@ -18,6 +18,7 @@
 
 pub mod catalog;
 pub mod clock;
+mod codec;
 pub mod crdt;
 pub mod delta;
 mod error;

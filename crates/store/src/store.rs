@@ -274,6 +274,29 @@ impl Store {
         Ok(())
     }
 
+    /// The trees a mutation may touch, in the order its transaction
+    /// closure receives them.
+    #[allow(clippy::type_complexity)]
+    fn data_trees(
+        &self,
+    ) -> (
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+        &sled::Tree,
+    ) {
+        (
+            &self.t.catalog,
+            &self.t.values,
+            &self.t.rows,
+            &self.t.log,
+            &self.t.vv,
+            &self.t.meta,
+        )
+    }
+
     fn lock_writer(&self) -> std::sync::MutexGuard<'_, u64> {
         // A panic while holding the lock cannot leave the store half-written
         // (transactions are atomic), so a poisoned lock is still usable.
@@ -389,14 +412,8 @@ impl Store {
         let limits = &self.options.limits;
         let first_seq = *next;
         let preloaded = RowOverlay::preload(&self.t.rows, &self.row_needs_of_items(items)?)?;
-        let (results, last_seq) = (
-            &self.t.catalog,
-            &self.t.values,
-            &self.t.rows,
-            &self.t.log,
-            &self.t.vv,
-            &self.t.meta,
-        )
+        let (results, last_seq) = self
+            .data_trees()
             .transaction(|(catalog, values, rows, log, vv, meta)| {
                 let mut seq = first_seq - 1;
                 let mut overlay = preloaded.clone();
@@ -581,14 +598,8 @@ impl Store {
             })
             .collect();
         let preloaded = RowOverlay::preload(&self.t.rows, &needs)?;
-        let report = (
-            &self.t.catalog,
-            &self.t.values,
-            &self.t.rows,
-            &self.t.log,
-            &self.t.vv,
-            &self.t.meta,
-        )
+        let report = self
+            .data_trees()
             .transaction(|(catalog, values, rows, log, vv, meta)| {
                 let mut report = ApplyReport::default();
                 let mut seen: BTreeMap<ReplicaId, u64> = BTreeMap::new();

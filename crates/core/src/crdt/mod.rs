@@ -294,8 +294,7 @@ impl Value {
 
     /// Encodes the full state: a format version byte, then postcard.
     pub fn encode(&self) -> Vec<u8> {
-        // Serializing plain data into a Vec cannot fail.
-        postcard::to_extend(self, vec![VALUE_FORMAT_V1]).unwrap_or_default()
+        crate::codec::encode(VALUE_FORMAT_V1, self)
     }
 
     /// Decodes a full state encoded by [`Value::encode`], refusing unknown
@@ -303,23 +302,7 @@ impl Value {
     /// Never panics; allocation is bounded by a small multiple of
     /// `bytes.len()`.
     pub fn decode(bytes: &[u8]) -> Result<Value> {
-        let (&version, body) = bytes
-            .split_first()
-            .ok_or_else(|| CoreError::decode("value", "empty input"))?;
-        if version != VALUE_FORMAT_V1 {
-            return Err(CoreError::UnsupportedFormat {
-                what: "value",
-                version,
-            });
-        }
-        let (value, rest): (Value, _) =
-            postcard::take_from_bytes(body).map_err(|e| CoreError::decode("value", e))?;
-        if !rest.is_empty() {
-            return Err(CoreError::decode(
-                "value",
-                format!("{} trailing bytes", rest.len()),
-            ));
-        }
+        let value: Value = crate::codec::decode("value", VALUE_FORMAT_V1, bytes)?;
         value.check_invariants()?;
         Ok(value)
     }
