@@ -42,6 +42,28 @@ fn incr(store: &Store, clock: &Clock) -> concord_store::WriteReceipt {
         .expect("write")
 }
 
+/// Writes one record straight into a data directory, as a bug, an old
+/// build or a disk fault might. sled releases a closed directory's lock a
+/// moment after the store is dropped, so opening retries briefly.
+fn tamper(path: &std::path::Path, tree: &str, key: &[u8], value: &[u8]) {
+    let mut attempts = 0;
+    let db = loop {
+        match sled::open(path) {
+            Ok(db) => break db,
+            Err(_) if attempts < 100 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot open {}: {e}", path.display()),
+        }
+    };
+    db.open_tree(tree)
+        .expect("tree")
+        .insert(key, value)
+        .expect("insert");
+    db.flush().expect("flush");
+}
+
 #[test]
 fn a_directory_of_another_region_is_refused_and_left_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -79,14 +101,7 @@ fn an_unknown_format_version_is_refused() {
     {
         Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect("open");
     }
-    {
-        let db = sled::open(dir.path()).expect("sled");
-        db.open_tree("meta")
-            .expect("meta")
-            .insert("format", &99u32.to_be_bytes())
-            .expect("insert");
-        db.flush().expect("flush");
-    }
+    tamper(dir.path(), "meta", b"format", &99u32.to_be_bytes());
     let err =
         Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect_err("refused");
     assert!(
@@ -101,28 +116,14 @@ fn corrupted_records_are_refused() {
     {
         Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect("open");
     }
-    {
-        let db = sled::open(dir.path()).expect("sled");
-        db.open_tree("meta")
-            .expect("meta")
-            .insert("identity", &[0xff, 0xff, 0xff])
-            .expect("insert");
-        db.flush().expect("flush");
-    }
+    tamper(dir.path(), "meta", b"identity", &[0xff, 0xff, 0xff]);
     let err =
         Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect_err("refused");
     assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
 
     // Data without a format record is not silently adopted either.
     let dir = tempfile::tempdir().expect("tempdir");
-    {
-        let db = sled::open(dir.path()).expect("sled");
-        db.open_tree("values")
-            .expect("values")
-            .insert("x", "y")
-            .expect("insert");
-        db.flush().expect("flush");
-    }
+    tamper(dir.path(), "values", b"x", b"y");
     let err =
         Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect_err("refused");
     assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
