@@ -357,12 +357,22 @@ impl Store {
     // Mutations.
 
     /// Declares a keyspace locally: logs and replicates the declaration when
-    /// it is new. Returns the keyspace and whether this call declared it;
-    /// fails when the name is held by another type.
-    pub fn declare(&self, clock: &Clock, name: &str, ty: CrdtType) -> Result<(KeyspaceView, bool)> {
+    /// it is new. Returns the keyspace, whether this call declared it, and a
+    /// receipt to wait on with [`Store::durable`]; fails when the name is
+    /// held by another type.
+    pub fn declare(
+        &self,
+        clock: &Clock,
+        name: &str,
+        ty: CrdtType,
+    ) -> Result<(KeyspaceView, bool, WriteReceipt)> {
         let mut next = self.lock_writer();
         if let Some(view) = self.catalog()?.check_create(name, ty)? {
-            return Ok((view, false));
+            let receipt = WriteReceipt {
+                results: Vec::new(),
+                commit: None,
+            };
+            return Ok((view, false, receipt));
         }
         let seq = *next;
         let delta = Delta {
@@ -386,12 +396,15 @@ impl Store {
             })
             .map_err(from_tx)?;
         *next = seq + 1;
-        self.group.committed();
+        let receipt = WriteReceipt {
+            results: Vec::new(),
+            commit: Some(self.group.committed()),
+        };
         let view = self
             .catalog()?
             .describe(name)
             .ok_or_else(|| StoreError::Corrupt(format!("declared {name:?} but cannot read it")))?;
-        Ok((view, true))
+        Ok((view, true, receipt))
     }
 
     /// Runs a local batch atomically: every write is prepared from the
@@ -687,19 +700,33 @@ impl Store {
         to: StreamId,
         count: usize,
     ) -> Result<Vec<StreamEntry>> {
-        let watermark = match self.get(keyspace, key)? {
-            Value::Stream(s) => s.trimmed_before(),
-            other => {
-                return Err(CoreError::TypeMismatch {
-                    expected: other.crdt_type(),
-                    found: CrdtType::Stream,
-                }
-                .into())
+        let watermark = self.stream_watermark(keyspace, key)?;
+        self.rows_from(&keyspace.name, key, from.max(watermark), to, count)
+    }
+
+    /// A stream's trim watermark; a type mismatch for other keyspaces.
+    fn stream_watermark(&self, keyspace: &KeyspaceId, key: &str) -> Result<StreamId> {
+        match self.get(keyspace, key)? {
+            Value::Stream(s) => Ok(s.trimmed_before()),
+            other => Err(CoreError::TypeMismatch {
+                expected: other.crdt_type(),
+                found: CrdtType::Stream,
             }
-        };
-        let from = from.max(watermark);
-        let lo = layout::row_key(&keyspace.name, key, from);
-        let hi = layout::row_key(&keyspace.name, key, to);
+            .into()),
+        }
+    }
+
+    /// Committed rows of one stream with `from <= id <= to`, at most `count`.
+    fn rows_from(
+        &self,
+        name: &str,
+        key: &str,
+        from: StreamId,
+        to: StreamId,
+        count: usize,
+    ) -> Result<Vec<StreamEntry>> {
+        let lo = layout::row_key(name, key, from);
+        let hi = layout::row_key(name, key, to);
         if lo > hi {
             return Ok(Vec::new());
         }
@@ -713,11 +740,8 @@ impl Store {
 
     /// A stream with its entries, for tests and snapshots of small streams.
     pub fn stream(&self, keyspace: &KeyspaceId, key: &str) -> Result<Stream> {
-        let entries = self.stream_range(keyspace, key, StreamId::MIN, StreamId::MAX, usize::MAX)?;
-        let watermark = match self.get(keyspace, key)? {
-            Value::Stream(s) => s.trimmed_before(),
-            _ => StreamId::MIN,
-        };
+        let watermark = self.stream_watermark(keyspace, key)?;
+        let entries = self.rows_from(&keyspace.name, key, watermark, StreamId::MAX, usize::MAX)?;
         Ok(Stream::from_parts(
             watermark,
             entries.into_iter().map(|e| (e.id, e.fields)),
@@ -953,8 +977,12 @@ fn tx_apply(
                     Some(existing) => {
                         // Same id seen again: keep the greater fields so a
                         // broken peer cannot make replicas diverge.
-                        let existing: Vec<Field> =
-                            postcard::from_bytes(&existing).unwrap_or_default();
+                        let existing: Vec<Field> = match postcard::from_bytes(&existing) {
+                            Ok(f) => f,
+                            Err(e) => {
+                                return abort(StoreError::Corrupt(format!("stream entry: {e}")))
+                            }
+                        };
                         fields.as_slice() > existing.as_slice()
                     }
                 };

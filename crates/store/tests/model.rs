@@ -211,7 +211,7 @@ proptest! {
         let mut delivered = 0usize;
 
         for (name, ty) in KEYSPACES {
-            let (_, created) = store.declare(&clock, name, ty).expect("declare");
+            let (_, created, _) = store.declare(&clock, name, ty).expect("declare");
             prop_assert!(created);
             let d = store.log_from(ME, model.vv.get(ME) + 1, 1, usize::MAX).expect("log").remove(0);
             prop_assert_eq!(&d.op, &Op::Declare(ty));

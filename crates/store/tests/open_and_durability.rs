@@ -30,16 +30,7 @@ fn counter() -> KeyspaceId {
 }
 
 fn incr(store: &Store, clock: &Clock) -> concord_store::WriteReceipt {
-    store
-        .write(
-            clock,
-            &[Item::Write {
-                keyspace: counter(),
-                key: "k".into(),
-                intent: Intent::CounterAdd(1),
-            }],
-        )
-        .expect("write")
+    incr_result(store, clock, "k").expect("write")
 }
 
 /// Writes one record straight into a data directory, as a bug, an old
