@@ -51,6 +51,22 @@ pub enum StoreError {
         reason: String,
     },
 
+    /// The store's options are inconsistent.
+    #[error("invalid store options: {0}")]
+    Options(String),
+
+    /// A reader asked for log entries that were truncated: it must catch
+    /// up by snapshot.
+    #[error("the log of replica {origin} no longer holds seq {requested}: it starts after {floor}; catch up by snapshot")]
+    Truncated {
+        /// The origin.
+        origin: ReplicaId,
+        /// The first seq asked for.
+        requested: u64,
+        /// The last seq removed: the log now starts at `floor + 1`.
+        floor: u64,
+    },
+
     /// Stored bytes do not decode, or stored records disagree.
     #[error("corrupt store: {0}")]
     Corrupt(String),
@@ -103,7 +119,7 @@ impl StoreError {
     pub fn is_invalid_input(&self) -> bool {
         match self {
             StoreError::Core(e) => e.is_invalid_input(),
-            StoreError::UnknownKeyspace { .. } => true,
+            StoreError::UnknownKeyspace { .. } | StoreError::Options(_) => true,
             _ => false,
         }
     }

@@ -3,6 +3,7 @@
 //! | tree | key | value |
 //! |---|---|---|
 //! | `meta` | `format`, `identity`, `hlc` | format version (u32 BE), identity (postcard), HLC high-water mark (u64 BE) |
+//! | `meta` | [`sweep_key`]: `sweep/`, stream prefix | a raised trim watermark whose rows are still to be deleted: the row key of the watermark |
 //! | `catalog` | type byte, name | declaration marker (postcard) |
 //! | `values` | [`value_key`]: type, name, key | the key's CRDT state ([`Value::encode`](concord_core::Value::encode)); for streams only the trim watermark |
 //! | `stream_rows` | [`row_key`]: name, key, entry id | one stream entry's fields (postcard) |
@@ -24,6 +25,15 @@
 //! - All origins' logs share one tree, prefixed by origin: one log per origin
 //!   in order of seq, while a write still touches a fixed set of trees, which
 //!   sled's multi-tree transactions need.
+//! - A trim only raises the watermark in its transaction and records a
+//!   sweep; the rows below it are deleted afterwards in bounded chunks
+//!   (resumed after a crash). Every read and append checks the watermark,
+//!   so the dead rows are never seen, and a trim's transaction does not
+//!   grow with the stream.
+//! - Each origin's log holds a contiguous run of seqs ending at the version
+//!   vector's entry: truncation removes a prefix, and the log's first seq
+//!   is its floor. A reader asking for a seq below it is told to catch up
+//!   by snapshot.
 //! - Big-endian integers make sled's byte order the numeric order.
 
 use concord_core::crdt::{CrdtType, StreamId};
@@ -50,6 +60,7 @@ pub(crate) mod meta {
     pub const FORMAT: &[u8] = b"format";
     pub const IDENTITY: &[u8] = b"identity";
     pub const HLC: &[u8] = b"hlc";
+    pub const SWEEP_PREFIX: &[u8] = b"sweep/";
 }
 
 pub(crate) fn type_byte(ty: CrdtType) -> u8 {
@@ -141,6 +152,51 @@ fn short() -> StoreError {
     StoreError::Corrupt("stream row key too short".into())
 }
 
+/// `meta` key of a pending sweep of one stream's trimmed rows.
+pub fn sweep_key(name: &str, key: &str) -> Vec<u8> {
+    let mut k = meta::SWEEP_PREFIX.to_vec();
+    k.extend_from_slice(&stream_prefix(name, key));
+    k
+}
+
+/// Splits a `values` key into its keyspace and key.
+pub(crate) fn parse_value_key(k: &[u8]) -> Result<(KeyspaceId, String)> {
+    let bad = || StoreError::Corrupt("malformed value key".into());
+    let (&ty, rest) = k.split_first().ok_or_else(bad)?;
+    let (&len, rest) = rest.split_first().ok_or_else(bad)?;
+    let len = usize::from(len);
+    if rest.len() < len {
+        return Err(bad());
+    }
+    let (name, key) = rest.split_at(len);
+    let name = std::str::from_utf8(name).map_err(|_| bad())?;
+    let key = std::str::from_utf8(key).map_err(|_| bad())?;
+    let ks = KeyspaceId {
+        name: name.to_string(),
+        ty: type_from_byte(ty)?,
+    };
+    Ok((ks, key.to_string()))
+}
+
+/// Splits a `stream_rows` key into stream name, key and entry id.
+pub(crate) fn parse_row_key(k: &[u8]) -> Result<(String, String, StreamId)> {
+    let bad = || StoreError::Corrupt("malformed stream row key".into());
+    let (&len, rest) = k.split_first().ok_or_else(bad)?;
+    let len = usize::from(len);
+    if rest.len() < len + 2 {
+        return Err(bad());
+    }
+    let (name, rest) = rest.split_at(len);
+    let (klen, rest) = rest.split_at(2);
+    let klen = usize::from(u16::from_be_bytes([klen[0], klen[1]]));
+    if rest.len() != klen + 12 {
+        return Err(bad());
+    }
+    let name = std::str::from_utf8(name).map_err(|_| bad())?;
+    let key = std::str::from_utf8(&rest[..klen]).map_err(|_| bad())?;
+    Ok((name.to_string(), key.to_string(), parse_row_id(k)?))
+}
+
 /// `log` key of one delta.
 pub fn log_key(origin: ReplicaId, seq: u64) -> [u8; 12] {
     let mut k = [0u8; 12];
@@ -182,6 +238,21 @@ mod tests {
         assert_eq!(parse_row_id(&ka).unwrap(), a);
         // One stream's rows never interleave with another key's.
         assert!(!row_key("ks", "k2", a).starts_with(&stream_prefix("ks", "k")));
+    }
+
+    #[test]
+    fn value_and_row_keys_parse_back() {
+        let ks = KeyspaceId {
+            name: "orders".into(),
+            ty: CrdtType::Set,
+        };
+        let (back, key) = parse_value_key(&value_key(&ks, "k/1")).unwrap();
+        assert_eq!((back, key.as_str()), (ks, "k/1"));
+        let id = StreamId::new(Hlc::from_u64(77), ReplicaId(3));
+        let (name, key, back) = parse_row_key(&row_key("ev", "user:9", id)).unwrap();
+        assert_eq!((name.as_str(), key.as_str(), back), ("ev", "user:9", id));
+        assert!(parse_row_key(b"\x05ab").is_err());
+        assert!(parse_value_key(b"\x09\x01a").is_err());
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! - [`layout`]: how the state maps onto sled trees and keys, and why.
 //! - [`durability`]: group commit: a write is acknowledged after a flush
 //!   that concurrent writes share (`group`), or before it (`relaxed`).
+//! - [`logs`]: bounded growth: log truncation below a vector, the
+//!   per-origin log size cap, and the sweep of trimmed stream rows.
+//! - [`snapshot`]: chunked export of the whole state and its import by
+//!   CvRDT merge, for catch-up.
 //! - [`StoreError`]: the crate's one error type.
 //!
 //! Every mutation — a local write with its log entry and version vector
@@ -18,8 +22,12 @@
 pub mod durability;
 mod error;
 pub mod layout;
+pub mod logs;
+pub mod snapshot;
 mod store;
 
 pub use durability::Durability;
 pub use error::{Result, StoreError};
+pub use logs::{LogStats, TruncateReport};
+pub use snapshot::{Declaration, ImportReport, SnapshotChunk, SnapshotCursor, SnapshotValue};
 pub use store::{ApplyReport, Identity, Item, ItemResult, Store, StoreOptions, WriteReceipt};

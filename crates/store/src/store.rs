@@ -1,7 +1,8 @@
 //! The region store: open, write, apply, read.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use concord_core::catalog::KeyspaceView;
@@ -38,6 +39,10 @@ pub struct StoreOptions {
     pub cache_capacity_bytes: u64,
     /// Size limits applied to writes and remote deltas.
     pub limits: Limits,
+    /// Most bytes one origin's log may hold; the oldest entries go first
+    /// when it is over, acknowledged by peers or not (a peer that needed
+    /// them catches up by snapshot). At least `limits.max_delta_bytes`.
+    pub max_log_bytes_per_origin: u64,
 }
 
 impl Default for StoreOptions {
@@ -47,7 +52,28 @@ impl Default for StoreOptions {
             flush_every_ms: 500,
             cache_capacity_bytes: 256 << 20,
             limits: Limits::default(),
+            max_log_bytes_per_origin: 256 << 20,
         }
+    }
+}
+
+impl StoreOptions {
+    /// Checks the options for consistency.
+    pub fn validate(&self) -> Result<()> {
+        self.limits.validate()?;
+        let delta = self.limits.max_delta_bytes as u64;
+        if self.max_log_bytes_per_origin < delta {
+            return Err(StoreError::Options(format!(
+                "max_log_bytes_per_origin ({}) is below max_delta_bytes ({delta}): one delta would not fit",
+                self.max_log_bytes_per_origin
+            )));
+        }
+        if self.flush_every_ms == 0 {
+            return Err(StoreError::Options(
+                "flush_every_ms must be at least 1".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -128,33 +154,55 @@ pub struct ApplyReport {
 /// A region's durable state.
 pub struct Store {
     path: PathBuf,
-    db: sled::Db,
-    t: Trees,
-    identity: Identity,
-    options: StoreOptions,
-    /// Serializes every mutation; holds the next local sequence number.
-    writer: Mutex<u64>,
-    group: GroupCommit,
+    pub(crate) db: sled::Db,
+    pub(crate) t: Trees,
+    pub(crate) identity: Identity,
+    pub(crate) options: StoreOptions,
+    /// Serializes every mutation; holds the next local sequence number
+    /// and what each origin's log holds.
+    writer: Mutex<Writer>,
+    pub(crate) group: GroupCommit,
+    /// Set when a trim left rows below a watermark to delete.
+    pub(crate) sweep_pending: AtomicBool,
+    /// Held by whoever deletes trimmed rows.
+    pub(crate) sweeper: Mutex<()>,
+    /// Log entries removed by the size cap, since open.
+    pub(crate) cap_removed: AtomicU64,
+}
+
+/// State guarded by the writer lock.
+pub(crate) struct Writer {
+    /// The next local sequence number.
+    pub(crate) next_seq: u64,
+    /// Entries and bytes in each origin's log.
+    pub(crate) logs: BTreeMap<ReplicaId, LogUsage>,
+}
+
+/// How much one origin's log holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct LogUsage {
+    pub(crate) entries: u64,
+    pub(crate) bytes: u64,
 }
 
 #[derive(Clone)]
-struct Trees {
-    meta: sled::Tree,
-    catalog: sled::Tree,
-    values: sled::Tree,
-    rows: sled::Tree,
-    log: sled::Tree,
-    vv: sled::Tree,
-    acks: sled::Tree,
+pub(crate) struct Trees {
+    pub(crate) meta: sled::Tree,
+    pub(crate) catalog: sled::Tree,
+    pub(crate) values: sled::Tree,
+    pub(crate) rows: sled::Tree,
+    pub(crate) log: sled::Tree,
+    pub(crate) vv: sled::Tree,
+    pub(crate) acks: sled::Tree,
 }
 
-type TxResult<T> = std::result::Result<T, ConflictableTransactionError<StoreError>>;
+pub(crate) type TxResult<T> = std::result::Result<T, ConflictableTransactionError<StoreError>>;
 
-fn abort<T>(e: impl Into<StoreError>) -> TxResult<T> {
+pub(crate) fn abort<T>(e: impl Into<StoreError>) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e.into()))
 }
 
-fn from_tx(e: TransactionError<StoreError>) -> StoreError {
+pub(crate) fn from_tx(e: TransactionError<StoreError>) -> StoreError {
     match e {
         TransactionError::Abort(e) => e,
         TransactionError::Storage(e) => StoreError::Sled(e),
@@ -177,7 +225,7 @@ impl Store {
     /// another region, has another format version, or whose records do not
     /// decode.
     pub fn open(path: &Path, identity: Identity, options: StoreOptions) -> Result<Store> {
-        options.limits.validate()?;
+        options.validate()?;
         let db = open_db(path, &options)?;
         let t = Trees {
             meta: db.open_tree(trees::META)?,
@@ -243,12 +291,32 @@ impl Store {
             t,
             identity,
             options,
-            writer: Mutex::new(0),
+            writer: Mutex::new(Writer {
+                next_seq: 0,
+                logs: BTreeMap::new(),
+            }),
             group: GroupCommit::new(),
+            sweep_pending: AtomicBool::new(false),
+            sweeper: Mutex::new(()),
+            cap_removed: AtomicU64::new(0),
         };
         let last = store.version_vector()?.get(store.identity.replica);
         store.check_own_log(last)?;
-        *store.lock_writer() = last + 1;
+        let logs = store.measure_logs()?;
+        let sweeps = store.pending_sweeps()?;
+        {
+            let mut w = store.lock_writer();
+            w.next_seq = last + 1;
+            w.logs = logs;
+        }
+        if !sweeps.is_empty() {
+            store.sweep_pending.store(true, Ordering::SeqCst);
+        }
+        // A directory written by a build with a larger cap, or by one that
+        // crashed between a write and its cap enforcement, is brought
+        // under the cap before the first write.
+        let origins: Vec<ReplicaId> = store.lock_writer().logs.keys().copied().collect();
+        store.enforce_log_cap(&mut store.lock_writer(), &origins)?;
         Ok(store)
     }
 
@@ -297,7 +365,7 @@ impl Store {
         )
     }
 
-    fn lock_writer(&self) -> std::sync::MutexGuard<'_, u64> {
+    pub(crate) fn lock_writer(&self) -> std::sync::MutexGuard<'_, Writer> {
         // A panic while holding the lock cannot leave the store half-written
         // (transactions are atomic), so a poisoned lock is still usable.
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
@@ -366,7 +434,7 @@ impl Store {
         name: &str,
         ty: CrdtType,
     ) -> Result<(KeyspaceView, bool, WriteReceipt)> {
-        let mut next = self.lock_writer();
+        let mut w = self.lock_writer();
         if let Some(view) = self.catalog()?.check_create(name, ty)? {
             let receipt = WriteReceipt {
                 results: Vec::new(),
@@ -374,7 +442,7 @@ impl Store {
             };
             return Ok((view, false, receipt));
         }
-        let seq = *next;
+        let seq = w.next_seq;
         let delta = Delta {
             origin: self.identity.replica,
             seq,
@@ -395,7 +463,10 @@ impl Store {
                 Ok(())
             })
             .map_err(from_tx)?;
-        *next = seq + 1;
+        w.next_seq = seq + 1;
+        let logged = bytes.len() as u64;
+        self.account_log(&mut w, self.identity.replica, 1, logged)?;
+        drop(w);
         let receipt = WriteReceipt {
             results: Vec::new(),
             commit: Some(self.group.committed()),
@@ -413,7 +484,7 @@ impl Store {
     /// reads see the batch's earlier writes. Either the whole batch commits
     /// or nothing does.
     pub fn write(&self, clock: &Clock, items: &[Item]) -> Result<WriteReceipt> {
-        let mut next = self.lock_writer();
+        let mut w = self.lock_writer();
         let mut hlcs = Vec::new();
         for item in items {
             if let Item::Write { .. } = item {
@@ -423,12 +494,14 @@ impl Store {
         let hwm = clock.last();
         let me = self.identity.replica;
         let limits = &self.options.limits;
-        let first_seq = *next;
+        let first_seq = w.next_seq;
         let preloaded = RowOverlay::preload(&self.t.rows, &self.row_needs_of_items(items)?)?;
-        let (results, last_seq) = self
+        let (results, last_seq, logged, trimmed) = self
             .data_trees()
             .transaction(|(catalog, values, rows, log, vv, meta)| {
                 let mut seq = first_seq - 1;
+                let mut logged = 0u64;
+                let mut trimmed = false;
                 let mut overlay = preloaded.clone();
                 let mut stamps = hlcs.iter();
                 let mut results = Vec::with_capacity(items.len());
@@ -479,7 +552,9 @@ impl Store {
                                         Ok(b) => b,
                                         Err(e) => return abort(e),
                                     };
-                                    let value = tx_apply(values, rows, &mut overlay, &delta)?;
+                                    trimmed |= is_trim(&delta.op);
+                                    let value = tx_apply(values, rows, meta, &mut overlay, &delta)?;
+                                    logged += bytes.len() as u64;
                                     log.insert(&layout::log_key(me, seq), bytes)?;
                                     ItemResult::Written { seq, hlc, value }
                                 }
@@ -518,19 +593,23 @@ impl Store {
                     vv.insert(&layout::replica_key(me), &seq.to_be_bytes())?;
                 }
                 tx_raise_hlc(meta, hwm)?;
-                Ok((results, seq))
+                Ok((results, seq, logged, trimmed))
             })
             .map_err(from_tx)?;
         let wrote = last_seq >= first_seq;
-        *next = last_seq + 1;
+        w.next_seq = last_seq + 1;
         let commit = wrote.then(|| self.group.committed());
+        if wrote {
+            self.account_log(&mut w, me, last_seq + 1 - first_seq, logged)?;
+        }
+        drop(w);
+        self.after_trim(trimmed)?;
         Ok(WriteReceipt { results, commit })
     }
 
     /// The committed stream rows a local batch may need inside its
-    /// transaction: rows below each trim's watermark, and for each range
-    /// read `count` rows from every lower bound the stream's watermark can
-    /// have at that point of the batch.
+    /// transaction: for each range read, `count` rows from every lower
+    /// bound the stream's watermark can have at that point of the batch.
     fn row_needs_of_items(&self, items: &[Item]) -> Result<Vec<RowNeed>> {
         let mut needs = Vec::new();
         let mut trims: BTreeMap<(String, String), Vec<StreamId>> = BTreeMap::new();
@@ -541,13 +620,6 @@ impl Store {
                 intent: Intent::StreamTrim(before),
             } = item
             {
-                needs.push(RowNeed {
-                    name: keyspace.name.clone(),
-                    key: key.clone(),
-                    from: StreamId::MIN,
-                    to: *before,
-                    limit: usize::MAX,
-                });
                 trims
                     .entry((keyspace.name.clone(), key.clone()))
                     .or_default()
@@ -596,27 +668,15 @@ impl Store {
             d.validate(&self.options.limits)?;
         }
         let me = self.identity.replica;
-        let _next = self.lock_writer();
-        let needs: Vec<RowNeed> = deltas
-            .iter()
-            .filter_map(|d| match &d.op {
-                Op::Stream(StreamOp::Trim { before }) => Some(RowNeed {
-                    name: d.keyspace.clone(),
-                    key: d.key.clone(),
-                    from: StreamId::MIN,
-                    to: *before,
-                    limit: usize::MAX,
-                }),
-                _ => None,
-            })
-            .collect();
-        let preloaded = RowOverlay::preload(&self.t.rows, &needs)?;
-        let report = self
+        let mut w = self.lock_writer();
+        let (report, logged, trimmed) = self
             .data_trees()
             .transaction(|(catalog, values, rows, log, vv, meta)| {
                 let mut report = ApplyReport::default();
                 let mut seen: BTreeMap<ReplicaId, u64> = BTreeMap::new();
-                let mut overlay = preloaded.clone();
+                let mut logged: BTreeMap<ReplicaId, (u64, u64)> = BTreeMap::new();
+                let mut trimmed = false;
+                let mut overlay = RowOverlay::default();
                 for d in deltas {
                     let applied = match seen.get(&d.origin) {
                         Some(&s) => s,
@@ -642,10 +702,15 @@ impl Store {
                     match &d.op {
                         Op::Declare(ty) => tx_declare(catalog, &d.keyspace, *ty, d.marker())?,
                         _ => {
-                            tx_apply(values, rows, &mut overlay, d)?;
+                            trimmed |= is_trim(&d.op);
+                            tx_apply(values, rows, meta, &mut overlay, d)?;
                         }
                     }
-                    log.insert(&layout::log_key(d.origin, d.seq), d.encode())?;
+                    let bytes = d.encode();
+                    let entry = logged.entry(d.origin).or_default();
+                    entry.0 += 1;
+                    entry.1 += bytes.len() as u64;
+                    log.insert(&layout::log_key(d.origin, d.seq), bytes)?;
                     seen.insert(d.origin, d.seq);
                     report.applied += 1;
                 }
@@ -655,10 +720,15 @@ impl Store {
                 if report.applied > 0 {
                     tx_raise_hlc(meta, hwm)?;
                 }
-                Ok(report)
+                Ok((report, logged, trimmed))
             })
             .map_err(from_tx)?;
         let commit = (report.applied > 0).then(|| self.group.committed());
+        for (origin, (entries, bytes)) in logged {
+            self.account_log(&mut w, origin, entries, bytes)?;
+        }
+        drop(w);
+        self.after_trim(trimmed)?;
         Ok(ApplyReport { commit, ..report })
     }
 
@@ -672,7 +742,7 @@ impl Store {
 
     /// Raises the persisted HLC high-water mark to `hlc`.
     pub fn raise_hlc_high_water(&self, hlc: Hlc) -> Result<()> {
-        let _w = self.lock_writer();
+        let _writer = self.lock_writer();
         if hlc > self.hlc_high_water()? {
             self.t.meta.insert(meta::HLC, &hlc.as_u64().to_be_bytes())?;
         }
@@ -792,6 +862,14 @@ impl Store {
         Ok(catalog)
     }
 
+    /// The highest seq of `origin` this region has applied.
+    pub fn applied(&self, origin: ReplicaId) -> Result<u64> {
+        match self.t.vv.get(layout::replica_key(origin))? {
+            None => Ok(0),
+            Some(v) => layout::parse_u64("vv entry", &v),
+        }
+    }
+
     /// What this region has applied, per origin.
     pub fn version_vector(&self) -> Result<VersionVector> {
         let mut vv = VersionVector::new();
@@ -806,7 +884,10 @@ impl Store {
     }
 
     /// Deltas of `origin` from `from_seq` on, in order, at most `max_count`
-    /// and about `max_bytes` (at least one delta if any is there).
+    /// and about `max_bytes` (at least one delta if any is there). Fails
+    /// with [`StoreError::Truncated`] when the log no longer starts at or
+    /// below `from_seq` although this region has applied it: the reader
+    /// must catch up by snapshot.
     pub fn log_from(
         &self,
         origin: ReplicaId,
@@ -814,6 +895,13 @@ impl Store {
         max_count: usize,
         max_bytes: usize,
     ) -> Result<Vec<Delta>> {
+        let from_seq = from_seq.max(1);
+        if max_count == 0 {
+            return Ok(Vec::new());
+        }
+        // Read before the log: every seq up to `applied` was in the log
+        // when it was read, so only a truncation can have removed one.
+        let applied = self.applied(origin)?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
         let range = layout::log_key(origin, from_seq)..=layout::log_key(origin, u64::MAX);
@@ -827,6 +915,17 @@ impl Store {
                 Delta::decode(&v, &self.options.limits)
                     .map_err(|e| StoreError::Corrupt(format!("log of replica {origin}: {e}")))?,
             );
+        }
+        // Logs are contiguous runs ending at the version vector's entry, so
+        // anything but `from_seq` first means the entries asked for were
+        // truncated, possibly while we read.
+        let first = out.first().map(|d| d.seq);
+        if first != Some(from_seq) && from_seq <= applied {
+            return Err(StoreError::Truncated {
+                origin,
+                requested: from_seq,
+                floor: self.log_floor(origin)?,
+            });
         }
         Ok(out)
     }
@@ -862,7 +961,7 @@ const OPEN_LOCK_RETRY_MS: u64 = 20;
 fn open_db(path: &Path, options: &StoreOptions) -> Result<sled::Db> {
     let config = sled::Config::new()
         .path(path)
-        .flush_every_ms(Some(options.flush_every_ms.max(1)))
+        .flush_every_ms(Some(options.flush_every_ms))
         .cache_capacity(options.cache_capacity_bytes);
     let mut attempt = 1;
     loop {
@@ -885,7 +984,7 @@ fn open_db(path: &Path, options: &StoreOptions) -> Result<sled::Db> {
     }
 }
 
-fn decode_value(bytes: &[u8], ty: CrdtType) -> Result<Value> {
+pub(crate) fn decode_value(bytes: &[u8], ty: CrdtType) -> Result<Value> {
     let value = Value::decode(bytes).map_err(|e| StoreError::Corrupt(format!("value: {e}")))?;
     if value.crdt_type() != ty {
         return Err(StoreError::Corrupt(format!(
@@ -896,7 +995,7 @@ fn decode_value(bytes: &[u8], ty: CrdtType) -> Result<Value> {
     Ok(value)
 }
 
-fn tx_value(values: &TransactionalTree, ks: &KeyspaceId, key: &str) -> TxResult<Value> {
+pub(crate) fn tx_value(values: &TransactionalTree, ks: &KeyspaceId, key: &str) -> TxResult<Value> {
     match values.get(layout::value_key(ks, key))? {
         None => Ok(Value::empty(ks.ty)),
         Some(bytes) => decode_value(&bytes, ks.ty).or_else(abort),
@@ -910,7 +1009,7 @@ fn tx_vv_get(vv: &TransactionalTree, origin: ReplicaId) -> TxResult<u64> {
     }
 }
 
-fn tx_declare(
+pub(crate) fn tx_declare(
     catalog: &TransactionalTree,
     name: &str,
     ty: CrdtType,
@@ -936,7 +1035,7 @@ fn tx_declare(
     }
 }
 
-fn tx_raise_hlc(meta: &TransactionalTree, hwm: Hlc) -> TxResult<()> {
+pub(crate) fn tx_raise_hlc(meta: &TransactionalTree, hwm: Hlc) -> TxResult<()> {
     let current = match meta.get(meta::HLC)? {
         None => 0,
         Some(v) => layout::parse_u64("hlc record", &v).or_else(abort)?,
@@ -952,6 +1051,7 @@ fn tx_raise_hlc(meta: &TransactionalTree, hwm: Hlc) -> TxResult<()> {
 fn tx_apply(
     values: &TransactionalTree,
     rows: &TransactionalTree,
+    meta: &TransactionalTree,
     overlay: &mut RowOverlay,
     d: &Delta,
 ) -> TxResult<Value> {
@@ -971,46 +1071,13 @@ fn tx_apply(
         (Value::Stream(stream), Op::Stream(StreamOp::Append { fields })) => {
             let id = StreamId::new(d.hlc, d.origin);
             if id >= stream.trimmed_before() {
-                let rk = layout::row_key(&d.keyspace, &d.key, id);
-                let keep = match rows.get(&rk)? {
-                    None => true,
-                    Some(existing) => {
-                        // Same id seen again: keep the greater fields so a
-                        // broken peer cannot make replicas diverge.
-                        let existing: Vec<Field> = match postcard::from_bytes(&existing) {
-                            Ok(f) => f,
-                            Err(e) => {
-                                return abort(StoreError::Corrupt(format!("stream entry: {e}")))
-                            }
-                        };
-                        fields.as_slice() > existing.as_slice()
-                    }
-                };
-                if keep {
-                    let bytes = match postcard::to_stdvec(fields) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            return abort(StoreError::Corrupt(format!("encoding entry: {e}")))
-                        }
-                    };
-                    rows.insert(rk.clone(), bytes.clone())?;
-                    overlay.inserted.insert(rk, bytes);
-                }
+                tx_put_row(rows, overlay, &d.keyspace, &d.key, id, fields)?;
             }
             // The watermark record exists from the first write on.
             values.insert(vkey, value.encode())?;
         }
         (Value::Stream(stream), Op::Stream(StreamOp::Trim { before })) => {
-            if *before > stream.trimmed_before() {
-                let dead = overlay.keys_below(&d.keyspace, &d.key, *before);
-                for k in dead {
-                    rows.remove(k.clone())?;
-                    overlay.inserted.remove(&k);
-                    overlay.removed.insert(k);
-                }
-                *stream = Stream::from_parts(*before, std::iter::empty());
-            }
-            values.insert(vkey, value.encode())?;
+            tx_raise_watermark(values, meta, &d.keyspace, &d.key, stream, *before)?;
         }
         _ => {
             if let Err(e) = value.apply(d.origin, d.hlc, &d.op) {
@@ -1022,17 +1089,83 @@ fn tx_apply(
     Ok(value)
 }
 
+/// Writes one stream entry inside a transaction. An entry with the same
+/// id seen again is the same append delivered twice; should a broken peer
+/// send other fields under that id, the greater fields are kept everywhere
+/// so that replicas cannot diverge.
+pub(crate) fn tx_put_row(
+    rows: &TransactionalTree,
+    overlay: &mut RowOverlay,
+    name: &str,
+    key: &str,
+    id: StreamId,
+    fields: &[Field],
+) -> TxResult<()> {
+    let rk = layout::row_key(name, key, id);
+    if let Some(existing) = rows.get(&rk)? {
+        let existing: Vec<Field> = match postcard::from_bytes(&existing) {
+            Ok(f) => f,
+            Err(e) => return abort(StoreError::Corrupt(format!("stream entry: {e}"))),
+        };
+        if fields <= existing.as_slice() {
+            return Ok(());
+        }
+    }
+    let bytes = match postcard::to_stdvec(fields) {
+        Ok(b) => b,
+        Err(e) => return abort(StoreError::Corrupt(format!("encoding entry: {e}"))),
+    };
+    rows.insert(rk.clone(), bytes.clone())?;
+    overlay.inserted.insert(rk, bytes);
+    Ok(())
+}
+
+/// Raises a stream's trim watermark inside a transaction (no-op when
+/// `before` is not above it) and records the rows below it for the sweep.
+/// Rows below the watermark are invisible from this commit on (every read
+/// and append checks the watermark), so they can be deleted afterwards in
+/// bounded chunks instead of in this transaction, whose size would grow
+/// with the stream.
+pub(crate) fn tx_raise_watermark(
+    values: &TransactionalTree,
+    meta: &TransactionalTree,
+    name: &str,
+    key: &str,
+    stream: &mut Stream,
+    before: StreamId,
+) -> TxResult<()> {
+    if before > stream.trimmed_before() {
+        *stream = Stream::from_parts(before, std::iter::empty());
+        meta.insert(
+            layout::sweep_key(name, key),
+            layout::row_key(name, key, before),
+        )?;
+    }
+    let ks = KeyspaceId {
+        name: name.to_string(),
+        ty: CrdtType::Stream,
+    };
+    values.insert(
+        layout::value_key(&ks, key),
+        Value::Stream(stream.clone()).encode(),
+    )?;
+    Ok(())
+}
+
+pub(crate) fn is_trim(op: &Op) -> bool {
+    matches!(op, Op::Stream(StreamOp::Trim { .. }))
+}
+
 /// Stream rows as the current transaction sees them: the committed rows
 /// it needs, read before the transaction started (sled transactions cannot
 /// scan, and a scan inside one would deadlock on sled's concurrency lock),
-/// with the transaction's own inserts and removes laid over them. The
-/// committed rows cannot change meanwhile: every mutation holds the writer
-/// lock.
+/// with the transaction's own inserts laid over them. The committed rows
+/// cannot change meanwhile: every mutation holds the writer lock (the sweep
+/// deletes only rows below a committed watermark, which no read returns).
 #[derive(Default, Clone)]
-struct RowOverlay {
+pub(crate) struct RowOverlay {
     committed: BTreeMap<Vec<u8>, Vec<u8>>,
-    inserted: BTreeMap<Vec<u8>, Vec<u8>>,
-    removed: BTreeSet<Vec<u8>>,
+    pub(crate) inserted: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
 /// A range of one stream's committed rows a transaction will need.
@@ -1063,30 +1196,7 @@ impl RowOverlay {
         Ok(overlay)
     }
 
-    fn rows_between(
-        &self,
-        name: &str,
-        key: &str,
-        from: StreamId,
-        to: StreamId,
-    ) -> BTreeMap<Vec<u8>, Vec<u8>> {
-        let lo = layout::row_key(name, key, from);
-        let hi = layout::row_key(name, key, to);
-        let mut rows = BTreeMap::new();
-        if lo > hi {
-            return rows;
-        }
-        for (k, v) in self.committed.range(lo.clone()..=hi.clone()) {
-            if !self.removed.contains(k) {
-                rows.insert(k.clone(), v.clone());
-            }
-        }
-        for (k, v) in self.inserted.range(lo..=hi) {
-            rows.insert(k.clone(), v.clone());
-        }
-        rows
-    }
-
+    /// Entries with `from <= id <= to`, at most `count`.
     fn range(
         &self,
         name: &str,
@@ -1095,23 +1205,26 @@ impl RowOverlay {
         to: StreamId,
         count: usize,
     ) -> Result<Vec<StreamEntry>> {
-        self.rows_between(name, key, from, to)
-            .into_iter()
+        let lo = layout::row_key(name, key, from);
+        let hi = layout::row_key(name, key, to);
+        if lo > hi {
+            return Ok(Vec::new());
+        }
+        let mut rows: BTreeMap<&[u8], &[u8]> = BTreeMap::new();
+        for (k, v) in self.committed.range(lo.clone()..=hi.clone()) {
+            rows.insert(k, v);
+        }
+        for (k, v) in self.inserted.range(lo..=hi) {
+            rows.insert(k, v);
+        }
+        rows.into_iter()
             .take(count)
-            .map(|(k, v)| decode_row(&k, &v))
-            .collect()
-    }
-
-    fn keys_below(&self, name: &str, key: &str, before: StreamId) -> Vec<Vec<u8>> {
-        let limit = layout::row_key(name, key, before);
-        self.rows_between(name, key, StreamId::MIN, before)
-            .into_keys()
-            .filter(|k| *k < limit)
+            .map(|(k, v)| decode_row(k, v))
             .collect()
     }
 }
 
-fn decode_row(k: &[u8], v: &[u8]) -> Result<StreamEntry> {
+pub(crate) fn decode_row(k: &[u8], v: &[u8]) -> Result<StreamEntry> {
     let fields: Vec<Field> =
         postcard::from_bytes(v).map_err(|e| StoreError::Corrupt(format!("stream entry: {e}")))?;
     Ok(StreamEntry {

@@ -1,0 +1,278 @@
+//! Bounded growth: truncating logs below a vector, the per-origin log size
+//! cap, and the sweep of stream rows below a raised trim watermark.
+//!
+//! Each origin's log is a contiguous run of seqs ending at this region's
+//! version vector entry for it. Truncation and the cap remove a prefix of
+//! that run, so the first seq left is all a reader needs to know: asking
+//! for anything below it gets [`StoreError::Truncated`], and the reader
+//! catches up by snapshot.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use concord_core::{ReplicaId, VersionVector};
+
+use crate::error::{Result, StoreError};
+use crate::layout::{self, meta};
+use crate::store::{LogUsage, Store, Writer};
+
+/// Most log entries one truncation step removes while holding the writer
+/// lock; a large truncation takes many steps and lets writes in between.
+pub const TRUNCATE_CHUNK_ENTRIES: usize = 4096;
+
+/// Most trimmed stream rows a mutation deletes on its way out; the rest
+/// are left for the next mutations (or [`Store::sweep_trimmed`]).
+pub const SWEEP_ROWS_PER_CALL: usize = 4096;
+
+/// What one origin's log holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// The last seq removed (by truncation or the cap): the log starts at
+    /// `floor + 1`.
+    pub floor: u64,
+    /// The last seq applied: the log ends there.
+    pub last: u64,
+    /// Entries held.
+    pub entries: u64,
+    /// Bytes held (encoded deltas).
+    pub bytes: u64,
+}
+
+/// What a truncation removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TruncateReport {
+    /// Entries removed.
+    pub entries: u64,
+    /// Bytes removed.
+    pub bytes: u64,
+}
+
+impl Store {
+    /// Removes from every origin's log the entries with seq at or below
+    /// `below[origin]` (never past what this region has applied). The node
+    /// passes the meet of its peers' acknowledged vectors: what every peer
+    /// has. Runs in steps of [`TRUNCATE_CHUNK_ENTRIES`], so writes go on
+    /// meanwhile.
+    pub fn truncate_logs(&self, below: &VersionVector) -> Result<TruncateReport> {
+        let mut report = TruncateReport::default();
+        for (origin, seq) in below.iter() {
+            let through = seq.min(self.applied(origin)?);
+            loop {
+                let mut w = self.lock_writer();
+                let (entries, bytes) =
+                    self.remove_log_prefix(&mut w, origin, through, None, TRUNCATE_CHUNK_ENTRIES)?;
+                drop(w);
+                report.entries += entries;
+                report.bytes += bytes;
+                if entries < TRUNCATE_CHUNK_ENTRIES as u64 {
+                    break;
+                }
+            }
+        }
+        if report.entries > 0 {
+            tracing::debug!(
+                entries = report.entries,
+                bytes = report.bytes,
+                "truncated logs"
+            );
+        }
+        Ok(report)
+    }
+
+    /// The last seq of `origin` removed from its log: the log starts at
+    /// `floor + 1` (or is empty, when the floor is the last applied seq).
+    pub fn log_floor(&self, origin: ReplicaId) -> Result<u64> {
+        let range = layout::log_key(origin, 0)..=layout::log_key(origin, u64::MAX);
+        match self.t.log.range(range).next().transpose()? {
+            Some((k, _)) => Ok(layout::parse_u64("log key", &k[4..])?.saturating_sub(1)),
+            None => self.applied(origin),
+        }
+    }
+
+    /// What each origin's log holds.
+    pub fn log_stats(&self) -> Result<BTreeMap<ReplicaId, LogStats>> {
+        let usage = self.lock_writer().logs.clone();
+        let vv = self.version_vector()?;
+        let mut out = BTreeMap::new();
+        for (origin, last) in vv.iter() {
+            let u = usage.get(&origin).copied().unwrap_or_default();
+            out.insert(
+                origin,
+                LogStats {
+                    floor: self.log_floor(origin)?,
+                    last,
+                    entries: u.entries,
+                    bytes: u.bytes,
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// Log entries removed by the size cap since the store was opened.
+    pub fn cap_removed(&self) -> u64 {
+        self.cap_removed.load(Ordering::Relaxed)
+    }
+
+    /// Reads every log's size; run at open.
+    pub(crate) fn measure_logs(&self) -> Result<BTreeMap<ReplicaId, LogUsage>> {
+        let mut logs: BTreeMap<ReplicaId, LogUsage> = BTreeMap::new();
+        for item in self.t.log.iter() {
+            let (k, v) = item?;
+            let origin =
+                layout::parse_replica_key(k.get(..4).ok_or_else(|| {
+                    StoreError::Corrupt(format!("log key of {} bytes", k.len()))
+                })?)?;
+            let u = logs.entry(origin).or_default();
+            u.entries += 1;
+            u.bytes += v.len() as u64;
+        }
+        Ok(logs)
+    }
+
+    /// Counts entries just committed to `origin`'s log and enforces the
+    /// cap on it.
+    pub(crate) fn account_log(
+        &self,
+        w: &mut Writer,
+        origin: ReplicaId,
+        entries: u64,
+        bytes: u64,
+    ) -> Result<()> {
+        let u = w.logs.entry(origin).or_default();
+        u.entries += entries;
+        u.bytes += bytes;
+        self.enforce_log_cap(w, &[origin])
+    }
+
+    /// Removes the oldest entries of each of `origins`' logs until it is
+    /// within `max_log_bytes_per_origin`. The newest entry always stays:
+    /// the cap is at least one delta's size.
+    pub(crate) fn enforce_log_cap(&self, w: &mut Writer, origins: &[ReplicaId]) -> Result<()> {
+        let cap = self.options.max_log_bytes_per_origin;
+        for &origin in origins {
+            let Some(u) = w.logs.get(&origin).copied() else {
+                continue;
+            };
+            if u.bytes <= cap {
+                continue;
+            }
+            let excess = u.bytes - cap;
+            let (entries, bytes) =
+                self.remove_log_prefix(w, origin, u64::MAX, Some(excess), usize::MAX)?;
+            self.cap_removed.fetch_add(entries, Ordering::Relaxed);
+            tracing::warn!(
+                origin = origin.0,
+                entries,
+                bytes,
+                cap_bytes = cap,
+                "log over its size cap: removed its oldest entries; peers that still needed them will catch up by snapshot"
+            );
+        }
+        Ok(())
+    }
+
+    /// Removes entries of `origin` from the oldest on, with seq at most
+    /// `through`, at most `max_entries` of them, and — when `min_bytes` is
+    /// given — only as many as it takes to remove that many bytes (but
+    /// never the newest entry). Returns the entries and bytes removed.
+    pub(crate) fn remove_log_prefix(
+        &self,
+        w: &mut Writer,
+        origin: ReplicaId,
+        through: u64,
+        min_bytes: Option<u64>,
+        max_entries: usize,
+    ) -> Result<(u64, u64)> {
+        let range = layout::log_key(origin, 0)..=layout::log_key(origin, through);
+        let mut batch = sled::Batch::default();
+        let (mut entries, mut bytes) = (0u64, 0u64);
+        let mut iter = self.t.log.range(range).peekable();
+        while let Some(item) = iter.next() {
+            if entries as usize >= max_entries || min_bytes.is_some_and(|m| bytes >= m) {
+                break;
+            }
+            if min_bytes.is_some() && iter.peek().is_none() {
+                break;
+            }
+            let (k, v) = item?;
+            batch.remove(k);
+            entries += 1;
+            bytes += v.len() as u64;
+        }
+        if entries > 0 {
+            self.t.log.apply_batch(batch)?;
+            let u = w.logs.entry(origin).or_default();
+            u.entries = u.entries.saturating_sub(entries);
+            u.bytes = u.bytes.saturating_sub(bytes);
+        }
+        Ok((entries, bytes))
+    }
+
+    /// The streams whose trimmed rows are still to be deleted: (sweep key,
+    /// row key of the watermark).
+    pub(crate) fn pending_sweeps(&self) -> Result<Vec<(sled::IVec, sled::IVec)>> {
+        self.t
+            .meta
+            .scan_prefix(meta::SWEEP_PREFIX)
+            .map(|item| item.map_err(StoreError::from))
+            .collect()
+    }
+
+    /// After a mutation: notes a committed trim and deletes up to
+    /// [`SWEEP_ROWS_PER_CALL`] trimmed rows if any are pending.
+    pub(crate) fn after_trim(&self, trimmed: bool) -> Result<()> {
+        if trimmed {
+            self.sweep_pending.store(true, Ordering::SeqCst);
+        }
+        if self.sweep_pending.load(Ordering::SeqCst) {
+            self.sweep_trimmed(SWEEP_ROWS_PER_CALL)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes up to `max_rows` stream rows below their stream's trim
+    /// watermark; returns how many. Those rows are already invisible; this
+    /// only reclaims their space. Returns 0 at once when another caller is
+    /// sweeping.
+    pub fn sweep_trimmed(&self, max_rows: usize) -> Result<usize> {
+        let Ok(_sweeping) = self.sweeper.try_lock() else {
+            return Ok(0);
+        };
+        // Cleared before reading the records, so a trim committed from now
+        // on sets it again and is not missed.
+        self.sweep_pending.store(false, Ordering::SeqCst);
+        let mut removed = 0usize;
+        for (sweep_key, bound) in self.pending_sweeps()? {
+            let budget = max_rows - removed;
+            if budget == 0 {
+                self.sweep_pending.store(true, Ordering::SeqCst);
+                break;
+            }
+            // Every row of the stream starts with the prefix, and the
+            // watermark's row key is the prefix followed by its id.
+            let prefix = sweep_key[meta::SWEEP_PREFIX.len()..].to_vec();
+            let mut batch = sled::Batch::default();
+            let mut n = 0usize;
+            for item in self.t.rows.range(prefix..bound.to_vec()).take(budget) {
+                let (k, _) = item?;
+                batch.remove(k);
+                n += 1;
+            }
+            self.t.rows.apply_batch(batch)?;
+            removed += n;
+            if n < budget {
+                // Done with this stream, unless a newer trim raised its
+                // watermark meanwhile: then the record stays for that one.
+                let _ = self.t.meta.compare_and_swap(
+                    &sweep_key,
+                    Some(&bound),
+                    None as Option<&[u8]>,
+                )?;
+            } else {
+                self.sweep_pending.store(true, Ordering::SeqCst);
+            }
+        }
+        Ok(removed)
+    }
+}
