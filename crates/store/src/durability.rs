@@ -7,15 +7,21 @@
 //! durable, releasing every writer that committed before the flush started.
 //! Writers arriving during a flush wait for it and, if it did not cover
 //! them, lead the next one. So under load one flush serves many writes, and
-//! there is no background thread: the scheme runs on whatever executor the
-//! caller uses, the simulator's included.
+//! there is no background thread of ours: the scheme runs on whatever tokio
+//! runtime the caller uses, the simulator's included.
+//!
+//! The leader runs sled's synchronous `flush` on tokio's blocking pool, not
+//! `flush_async`: sled 0.34's `flush_async` can deadlock when several are
+//! in flight at once (spacejam/sled#1308, fixed only on its unreleased main
+//! branch). This crate's write benchmark reproduces that deadlock with raw
+//! sled and 64 writers each awaiting `flush_async`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex, MutexGuard};
 
-use crate::error::Result;
+use crate::error::{Result, StoreError};
 
 /// When a write is acknowledged.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,7 +96,14 @@ impl GroupCommit {
                         durable: &self.durable,
                     };
                     let target = self.committed.load(Ordering::SeqCst);
-                    db.flush_async().await?;
+                    let db = db.clone();
+                    tokio::task::spawn_blocking(move || db.flush())
+                        .await
+                        .map_err(|e| {
+                            StoreError::Sled(sled::Error::Io(std::io::Error::other(format!(
+                                "flush task failed: {e}"
+                            ))))
+                        })??;
                     self.flushes.fetch_add(1, Ordering::Relaxed);
                     self.durable.send_modify(|d| *d = (*d).max(target));
                 }
