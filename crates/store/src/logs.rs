@@ -131,18 +131,15 @@ impl Store {
     }
 
     /// Counts entries just committed to `origin`'s log and enforces the
-    /// cap on it.
-    pub(crate) fn account_log(
-        &self,
-        w: &mut Writer,
-        origin: ReplicaId,
-        entries: u64,
-        bytes: u64,
-    ) -> Result<()> {
+    /// cap on it. Runs after a commit, so it cannot fail the mutation: a
+    /// failure to shrink the log is logged and retried by the next one.
+    pub(crate) fn account_log(&self, w: &mut Writer, origin: ReplicaId, entries: u64, bytes: u64) {
         let u = w.logs.entry(origin).or_default();
         u.entries += entries;
         u.bytes += bytes;
-        self.enforce_log_cap(w, &[origin])
+        if let Err(e) = self.enforce_log_cap(w, &[origin]) {
+            tracing::error!(origin = origin.0, error = %e, "could not enforce the log size cap");
+        }
     }
 
     /// Removes the oldest entries of each of `origins`' logs until it is
@@ -220,15 +217,19 @@ impl Store {
     }
 
     /// After a mutation: notes a committed trim and deletes up to
-    /// [`SWEEP_ROWS_PER_CALL`] trimmed rows if any are pending.
-    pub(crate) fn after_trim(&self, trimmed: bool) -> Result<()> {
+    /// [`SWEEP_ROWS_PER_CALL`] trimmed rows if any are pending. Runs after
+    /// a commit, so it cannot fail the mutation: a failed sweep is logged
+    /// and resumed later.
+    pub(crate) fn after_trim(&self, trimmed: bool) {
         if trimmed {
             self.sweep_pending.store(true, Ordering::SeqCst);
         }
         if self.sweep_pending.load(Ordering::SeqCst) {
-            self.sweep_trimmed(SWEEP_ROWS_PER_CALL)?;
+            if let Err(e) = self.sweep_trimmed(SWEEP_ROWS_PER_CALL) {
+                self.sweep_pending.store(true, Ordering::SeqCst);
+                tracing::error!(error = %e, "could not sweep trimmed stream rows");
+            }
         }
-        Ok(())
     }
 
     /// Deletes up to `max_rows` stream rows below their stream's trim

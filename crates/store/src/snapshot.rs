@@ -339,7 +339,7 @@ impl Store {
             })
             .map_err(from_tx)?;
         drop(writer);
-        self.after_trim(trimmed)?;
+        self.after_trim(trimmed);
         Ok(ImportReport {
             declarations: chunk.declarations.len(),
             values: chunk.values.len(),

@@ -397,7 +397,8 @@ impl Store {
     }
 
     /// Waits until the writes of `receipt` are durable. In `relaxed` mode it
-    /// returns at once.
+    /// returns at once. Call it inside a tokio runtime: the flush runs on
+    /// its blocking pool.
     pub async fn durable(&self, receipt: &WriteReceipt) -> Result<()> {
         self.wait_commit(receipt.commit).await
     }
@@ -465,7 +466,7 @@ impl Store {
             .map_err(from_tx)?;
         w.next_seq = seq + 1;
         let logged = bytes.len() as u64;
-        self.account_log(&mut w, self.identity.replica, 1, logged)?;
+        self.account_log(&mut w, self.identity.replica, 1, logged);
         drop(w);
         let receipt = WriteReceipt {
             results: Vec::new(),
@@ -600,10 +601,10 @@ impl Store {
         w.next_seq = last_seq + 1;
         let commit = wrote.then(|| self.group.committed());
         if wrote {
-            self.account_log(&mut w, me, last_seq + 1 - first_seq, logged)?;
+            self.account_log(&mut w, me, last_seq + 1 - first_seq, logged);
         }
         drop(w);
-        self.after_trim(trimmed)?;
+        self.after_trim(trimmed);
         Ok(WriteReceipt { results, commit })
     }
 
@@ -725,10 +726,10 @@ impl Store {
             .map_err(from_tx)?;
         let commit = (report.applied > 0).then(|| self.group.committed());
         for (origin, (entries, bytes)) in logged {
-            self.account_log(&mut w, origin, entries, bytes)?;
+            self.account_log(&mut w, origin, entries, bytes);
         }
         drop(w);
-        self.after_trim(trimmed)?;
+        self.after_trim(trimmed);
         Ok(ApplyReport { commit, ..report })
     }
 
