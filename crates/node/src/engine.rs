@@ -1,0 +1,280 @@
+//! Runs validated client operations against the region's store: resolves
+//! keyspaces, turns operations into one atomic store batch, waits for
+//! durability, and shapes the results for the API.
+
+use std::sync::Arc;
+
+use concord_core::catalog::KeyspaceView;
+use concord_core::crdt::{StreamEntry, StreamId};
+use concord_core::{Clock, CrdtType, Value};
+use concord_proto::v1 as pb;
+use concord_store::{Item, ItemResult, Store};
+
+use crate::command::{ClientOp, OpKind};
+use crate::error::{NodeError, Result};
+use crate::subscribe::{Appended, Subscriptions};
+
+/// The region's state as the services see it.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    store: Arc<Store>,
+    clock: Arc<Clock>,
+    subscriptions: Subscriptions,
+}
+
+impl Engine {
+    /// An engine over `store`, stamping writes with `clock`.
+    pub fn new(store: Arc<Store>, clock: Arc<Clock>) -> Self {
+        Engine {
+            store,
+            clock,
+            subscriptions: Subscriptions::default(),
+        }
+    }
+
+    /// Where appended entries are published.
+    pub fn subscriptions(&self) -> &Subscriptions {
+        &self.subscriptions
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The node's clock.
+    pub fn clock(&self) -> &Arc<Clock> {
+        &self.clock
+    }
+
+    /// Runs store work off the async workers: it takes the store's writer
+    /// lock and does disk I/O.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store, &Clock) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (store, clock) = (self.store.clone(), self.clock.clone());
+        tokio::task::spawn_blocking(move || f(&store, &clock))
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("store task failed: {e}")))?
+    }
+
+    /// Creates a keyspace (idempotent for the same type); returns it and
+    /// whether this call created it, once durable.
+    pub async fn create_keyspace(
+        &self,
+        name: String,
+        ty: CrdtType,
+    ) -> Result<(KeyspaceView, bool)> {
+        concord_core::limits::check_keyspace_name(&name)?;
+        let (view, created, receipt) = self
+            .blocking(move |store, clock| Ok(store.declare(clock, &name, ty)?))
+            .await?;
+        self.store.durable(&receipt).await?;
+        Ok((view, created))
+    }
+
+    /// Runs operations as one atomic batch: all are applied or none; reads
+    /// see the writes before them. Acknowledged once durable.
+    pub async fn run(&self, ops: Vec<ClientOp>) -> Result<Vec<pb::OperationResult>> {
+        let limits = self.store.limits().clone();
+        if ops.is_empty() {
+            return Err(NodeError::InvalidRequest(
+                "a batch needs at least one operation".into(),
+            ));
+        }
+        if ops.len() > limits.max_batch_ops {
+            return Err(concord_core::CoreError::LimitExceeded {
+                what: "operations in one batch",
+                limit: limits.max_batch_ops as u64,
+                actual: ops.len() as u64,
+            }
+            .into());
+        }
+        for op in &ops {
+            op.validate(&limits)?;
+        }
+        let me = self.store.identity().replica;
+        let (ops, keyspaces, receipt) = self
+            .blocking(move |store, clock| {
+                let catalog = store.catalog()?;
+                let mut items = Vec::with_capacity(ops.len());
+                let mut keyspaces = Vec::with_capacity(ops.len());
+                for op in &ops {
+                    let keyspace = catalog
+                        .resolve(&op.keyspace)
+                        .ok_or_else(|| NodeError::UnknownKeyspace(op.keyspace.clone()))?;
+                    let needed = op.kind.crdt_type();
+                    if keyspace.ty != needed {
+                        return Err(NodeError::WrongType {
+                            keyspace: op.keyspace.clone(),
+                            is: keyspace.ty,
+                            needs: needed,
+                        });
+                    }
+                    items.push(item(keyspace.clone(), op, &limits));
+                    keyspaces.push(keyspace);
+                }
+                let receipt = store.write(clock, &items)?;
+                Ok((ops, keyspaces, receipt))
+            })
+            .await?;
+        self.store.durable(&receipt).await?;
+        for ((op, keyspace), result) in ops.iter().zip(keyspaces).zip(&receipt.results) {
+            if let (OpKind::StreamAppend(fields), ItemResult::Written { seq, hlc, .. }) =
+                (&op.kind, result)
+            {
+                if *seq > 0 {
+                    self.subscriptions.publish(Appended {
+                        keyspace,
+                        key: op.key.clone(),
+                        entry: StreamEntry {
+                            id: StreamId::new(*hlc, me),
+                            fields: fields.clone(),
+                        },
+                    });
+                }
+            }
+        }
+        ops.iter()
+            .zip(receipt.results)
+            .map(|(op, result)| shape(&op.kind, result, me))
+            .collect()
+    }
+}
+
+/// The store item of one operation.
+fn item(keyspace: concord_core::KeyspaceId, op: &ClientOp, limits: &concord_core::Limits) -> Item {
+    use concord_core::Intent;
+    let key = op.key.clone();
+    let write = |intent| Item::Write {
+        keyspace: keyspace.clone(),
+        key: key.clone(),
+        intent,
+    };
+    match &op.kind {
+        OpKind::CounterAdd(n) => write(Intent::CounterAdd(*n)),
+        OpKind::SetAdd(m) => write(Intent::SetAdd(m.clone())),
+        OpKind::SetRemove(m) => write(Intent::SetRemove(m.clone())),
+        OpKind::RegisterSet(v) => write(Intent::RegisterSet(v.clone())),
+        OpKind::StreamAppend(f) => write(Intent::StreamAppend(f.clone())),
+        OpKind::StreamTrim(before) => write(Intent::StreamTrim(*before)),
+        OpKind::CounterGet | OpKind::SetMembers | OpKind::SetContains(_) | OpKind::RegisterGet => {
+            Item::Get {
+                keyspace: keyspace.clone(),
+                key,
+            }
+        }
+        OpKind::StreamRange { from, to, count } => {
+            let most = limits.max_range_entries;
+            let count = match *count as usize {
+                0 => most,
+                n => n.min(most),
+            };
+            Item::StreamRange {
+                keyspace: keyspace.clone(),
+                key,
+                from: *from,
+                to: *to,
+                count,
+            }
+        }
+    }
+}
+
+fn write_response(seq: u64, hlc: concord_core::Hlc) -> pb::WriteResponse {
+    pb::WriteResponse {
+        hlc: hlc.as_u64(),
+        seq,
+    }
+}
+
+fn counter_value(value: &Value) -> Result<i64> {
+    match value {
+        Value::Counter(c) => i64::try_from(c.value()).map_err(|_| {
+            NodeError::OutOfRange(format!(
+                "counter value {} does not fit a signed 64-bit integer",
+                c.value()
+            ))
+        }),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn unexpected(value: &Value) -> NodeError {
+    NodeError::Store(concord_store::StoreError::Corrupt(format!(
+        "unexpected {} value for this operation",
+        value.crdt_type()
+    )))
+}
+
+/// The API result of one operation from the store's result.
+fn shape(
+    kind: &OpKind,
+    result: ItemResult,
+    me: concord_core::ReplicaId,
+) -> Result<pb::OperationResult> {
+    use pb::operation_result::Result as R;
+    let r = match (kind, result) {
+        (OpKind::CounterAdd(_), ItemResult::Written { seq, hlc, value }) => {
+            R::CounterIncrement(pb::CounterIncrementResponse {
+                value: counter_value(&value)?,
+                write: Some(write_response(seq, hlc)),
+            })
+        }
+        (OpKind::CounterGet, ItemResult::Value(value)) => R::CounterGet(pb::CounterGetResponse {
+            value: counter_value(&value)?,
+        }),
+        (OpKind::SetAdd(_), ItemResult::Written { seq, hlc, .. }) => {
+            R::SetAdd(write_response(seq, hlc))
+        }
+        (OpKind::SetRemove(_), ItemResult::Written { seq, hlc, .. }) => {
+            R::SetRemove(write_response(seq, hlc))
+        }
+        (OpKind::SetMembers, ItemResult::Value(Value::Set(s))) => {
+            let mut members = s.members();
+            members.sort();
+            R::SetMembers(pb::SetMembersResponse { members })
+        }
+        (OpKind::SetContains(m), ItemResult::Value(Value::Set(s))) => {
+            R::SetContains(pb::SetContainsResponse {
+                contains: s.contains(m),
+            })
+        }
+        (OpKind::RegisterSet(_), ItemResult::Written { seq, hlc, .. }) => {
+            R::RegisterSet(write_response(seq, hlc))
+        }
+        (OpKind::RegisterGet, ItemResult::Value(Value::Register(r))) => {
+            R::RegisterGet(match r.get() {
+                None => pb::RegisterGetResponse::default(),
+                Some((value, marker)) => pb::RegisterGetResponse {
+                    found: true,
+                    value: value.to_vec(),
+                    hlc: marker.hlc.as_u64(),
+                    replica: marker.replica.0,
+                },
+            })
+        }
+        (OpKind::StreamAppend(_), ItemResult::Written { seq, hlc, .. }) => {
+            R::StreamAppend(pb::StreamAppendResponse {
+                id: Some(StreamId::new(hlc, me).into()),
+                write: Some(write_response(seq, hlc)),
+            })
+        }
+        (OpKind::StreamRange { .. }, ItemResult::Entries(entries)) => {
+            R::StreamRange(pb::StreamRangeResponse {
+                entries: entries.into_iter().map(Into::into).collect(),
+            })
+        }
+        (OpKind::StreamTrim(_), ItemResult::Written { seq, hlc, .. }) => {
+            R::StreamTrim(write_response(seq, hlc))
+        }
+        (_, ItemResult::Value(v)) => return Err(unexpected(&v)),
+        (kind, other) => {
+            return Err(NodeError::Store(concord_store::StoreError::Corrupt(
+                format!("store result {other:?} does not match operation {kind:?}"),
+            )))
+        }
+    };
+    Ok(pb::OperationResult { result: Some(r) })
+}

@@ -1,0 +1,258 @@
+//! The client gRPC service: every request is validated into typed
+//! operations ([`crate::command`]) and run by the [`Engine`].
+
+use std::pin::Pin;
+
+use concord_core::crdt::StreamId;
+use concord_core::proto::crdt_type_from_proto;
+use concord_core::CrdtType;
+use concord_proto::v1 as pb;
+use concord_proto::v1::concord_server::Concord;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::command::ClientOp;
+use crate::engine::Engine;
+use crate::error::NodeError;
+
+/// The `concord.v1.Concord` service.
+#[derive(Debug, Clone)]
+pub struct ClientService {
+    engine: Engine,
+    started_unix_ms: i64,
+}
+
+impl ClientService {
+    /// The service over `engine`.
+    pub fn new(engine: Engine) -> Self {
+        let started_unix_ms = engine.clock().physical_unix_ms();
+        ClientService {
+            engine,
+            started_unix_ms,
+        }
+    }
+
+    /// Runs one operation and returns its result.
+    async fn one(&self, op: ClientOp) -> Result<pb::operation_result::Result, Status> {
+        let mut results = self.run(vec![op]).await?;
+        results
+            .pop()
+            .and_then(|r| r.result)
+            .ok_or_else(|| Status::internal("an operation returned no result"))
+    }
+
+    async fn run(&self, ops: Vec<ClientOp>) -> Result<Vec<pb::OperationResult>, Status> {
+        Ok(self.engine.run(ops).await?)
+    }
+}
+
+/// Unwraps the expected case of a result, which the engine guarantees.
+macro_rules! expect_result {
+    ($result:expr, $case:ident) => {
+        match $result {
+            pb::operation_result::Result::$case(r) => Ok(Response::new(r)),
+            other => Err(Status::internal(format!("unexpected result {other:?}"))),
+        }
+    };
+}
+
+#[tonic::async_trait]
+impl Concord for ClientService {
+    async fn create_keyspace(
+        &self,
+        request: Request<pb::CreateKeyspaceRequest>,
+    ) -> Result<Response<pb::CreateKeyspaceResponse>, Status> {
+        let r = request.into_inner();
+        let ty = crdt_type_from_proto(r.r#type).map_err(NodeError::from)?;
+        let (view, created) = self.engine.create_keyspace(r.name, ty).await?;
+        Ok(Response::new(pb::CreateKeyspaceResponse {
+            keyspace: Some((&view).into()),
+            created,
+        }))
+    }
+
+    async fn list_keyspaces(
+        &self,
+        _request: Request<pb::ListKeyspacesRequest>,
+    ) -> Result<Response<pb::ListKeyspacesResponse>, Status> {
+        let catalog = self.engine.store().catalog().map_err(NodeError::from)?;
+        Ok(Response::new(pb::ListKeyspacesResponse {
+            keyspaces: catalog.list().iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn describe_keyspace(
+        &self,
+        request: Request<pb::DescribeKeyspaceRequest>,
+    ) -> Result<Response<pb::KeyspaceInfo>, Status> {
+        let name = request.into_inner().name;
+        if name.is_empty() {
+            return Err(NodeError::InvalidRequest("keyspace name is empty".into()).into());
+        }
+        let catalog = self.engine.store().catalog().map_err(NodeError::from)?;
+        let view = catalog
+            .describe(&name)
+            .ok_or(NodeError::UnknownKeyspace(name))?;
+        Ok(Response::new((&view).into()))
+    }
+
+    async fn counter_increment(
+        &self,
+        request: Request<pb::CounterIncrementRequest>,
+    ) -> Result<Response<pb::CounterIncrementResponse>, Status> {
+        expect_result!(
+            self.one(request.into_inner().into()).await?,
+            CounterIncrement
+        )
+    }
+
+    async fn counter_get(
+        &self,
+        request: Request<pb::CounterGetRequest>,
+    ) -> Result<Response<pb::CounterGetResponse>, Status> {
+        expect_result!(self.one(request.into_inner().into()).await?, CounterGet)
+    }
+
+    async fn set_add(
+        &self,
+        request: Request<pb::SetAddRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        expect_result!(self.one(request.into_inner().into()).await?, SetAdd)
+    }
+
+    async fn set_remove(
+        &self,
+        request: Request<pb::SetRemoveRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        expect_result!(self.one(request.into_inner().into()).await?, SetRemove)
+    }
+
+    async fn set_members(
+        &self,
+        request: Request<pb::SetMembersRequest>,
+    ) -> Result<Response<pb::SetMembersResponse>, Status> {
+        expect_result!(self.one(request.into_inner().into()).await?, SetMembers)
+    }
+
+    async fn set_contains(
+        &self,
+        request: Request<pb::SetContainsRequest>,
+    ) -> Result<Response<pb::SetContainsResponse>, Status> {
+        expect_result!(self.one(request.into_inner().into()).await?, SetContains)
+    }
+
+    async fn register_set(
+        &self,
+        request: Request<pb::RegisterSetRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        expect_result!(self.one(request.into_inner().into()).await?, RegisterSet)
+    }
+
+    async fn register_get(
+        &self,
+        request: Request<pb::RegisterGetRequest>,
+    ) -> Result<Response<pb::RegisterGetResponse>, Status> {
+        expect_result!(self.one(request.into_inner().into()).await?, RegisterGet)
+    }
+
+    async fn stream_append(
+        &self,
+        request: Request<pb::StreamAppendRequest>,
+    ) -> Result<Response<pb::StreamAppendResponse>, Status> {
+        expect_result!(self.one(request.into_inner().into()).await?, StreamAppend)
+    }
+
+    async fn stream_range(
+        &self,
+        request: Request<pb::StreamRangeRequest>,
+    ) -> Result<Response<pb::StreamRangeResponse>, Status> {
+        expect_result!(self.one(request.into_inner().into()).await?, StreamRange)
+    }
+
+    async fn stream_trim(
+        &self,
+        request: Request<pb::StreamTrimRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
+        let op = ClientOp::try_from(request.into_inner())?;
+        expect_result!(self.one(op).await?, StreamTrim)
+    }
+
+    type StreamSubscribeStream =
+        Pin<Box<dyn Stream<Item = Result<pb::StreamEntry, Status>> + Send + 'static>>;
+
+    async fn stream_subscribe(
+        &self,
+        request: Request<pb::StreamSubscribeRequest>,
+    ) -> Result<Response<Self::StreamSubscribeStream>, Status> {
+        let r = request.into_inner();
+        if r.keyspace.is_empty() {
+            return Err(NodeError::InvalidRequest("keyspace name is empty".into()).into());
+        }
+        self.engine
+            .store()
+            .limits()
+            .check_key(&r.key)
+            .map_err(NodeError::from)?;
+        let catalog = self.engine.store().catalog().map_err(NodeError::from)?;
+        let keyspace = catalog
+            .resolve(&r.keyspace)
+            .ok_or_else(|| NodeError::UnknownKeyspace(r.keyspace.clone()))?;
+        if keyspace.ty != CrdtType::Stream {
+            return Err(NodeError::WrongType {
+                keyspace: r.keyspace,
+                is: keyspace.ty,
+                needs: CrdtType::Stream,
+            }
+            .into());
+        }
+        let stream = self.engine.subscriptions().subscribe(
+            self.engine.store().clone(),
+            keyspace,
+            r.key,
+            r.after.map(StreamId::from),
+        )?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn batch(
+        &self,
+        request: Request<pb::BatchRequest>,
+    ) -> Result<Response<pb::BatchResponse>, Status> {
+        let ops = request
+            .into_inner()
+            .operations
+            .into_iter()
+            .map(ClientOp::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let results = self.run(ops).await?;
+        Ok(Response::new(pb::BatchResponse { results }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let store = self.engine.store();
+        let clock = self.engine.clock();
+        let catalog = store.catalog().map_err(NodeError::from)?;
+        let applied = store.version_vector().map_err(NodeError::from)?;
+        let durability = match store.durability() {
+            concord_store::Durability::Group => pb::DurabilityMode::Group,
+            concord_store::Durability::Relaxed => pb::DurabilityMode::Relaxed,
+        };
+        let uptime_ms = clock
+            .physical_unix_ms()
+            .saturating_sub(self.started_unix_ms);
+        Ok(Response::new(pb::StatusResponse {
+            region: store.identity().region.clone(),
+            replica_id: store.identity().replica.0,
+            hlc: clock.last().as_u64(),
+            applied: Some((&applied).into()),
+            peers: Vec::new(),
+            durability: durability.into(),
+            keyspace_conflicts: catalog.conflict_count() as u32,
+            uptime_seconds: (uptime_ms.max(0) / 1000) as u64,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+}

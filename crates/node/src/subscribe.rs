@@ -1,0 +1,149 @@
+//! Live stream subscriptions: entries appended on this node are published
+//! to the subscribers of their stream, after their write is durable.
+//!
+//! A subscriber first gets the entries already there (when it asked for
+//! entries after an id), read in pages, then the live ones. It registers
+//! for live entries before reading the backlog, so an entry committed in
+//! between arrives once: from the backlog, and its live copy is skipped.
+
+use std::sync::Arc;
+
+use concord_core::crdt::{StreamEntry, StreamId};
+use concord_core::{KeyspaceId, ReplicaId};
+use concord_proto::v1 as pb;
+use concord_store::Store;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use crate::error::Result;
+
+/// Entries in flight to all subscribers; a subscriber further behind than
+/// this is ended with RESOURCE_EXHAUSTED and can resubscribe after the
+/// last id it got.
+pub const PUBLISH_BUFFER_ENTRIES: usize = 4096;
+
+/// Entries queued for one subscriber's connection.
+pub const SUBSCRIBER_QUEUE_ENTRIES: usize = 256;
+
+/// Entries read per page of a subscriber's backlog.
+pub const BACKLOG_PAGE_ENTRIES: usize = 512;
+
+/// One appended entry.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    /// The stream's keyspace.
+    pub keyspace: KeyspaceId,
+    /// The stream's key.
+    pub key: String,
+    /// The entry.
+    pub entry: StreamEntry,
+}
+
+/// The publishing side of every subscription of a node.
+#[derive(Debug, Clone)]
+pub struct Subscriptions {
+    tx: broadcast::Sender<Arc<Appended>>,
+}
+
+impl Default for Subscriptions {
+    fn default() -> Self {
+        Subscriptions {
+            tx: broadcast::Sender::new(PUBLISH_BUFFER_ENTRIES),
+        }
+    }
+}
+
+/// The id right after `id` in stream order.
+fn successor(id: StreamId) -> StreamId {
+    match id.replica.0.checked_add(1) {
+        Some(r) => StreamId::new(id.hlc, ReplicaId(r)),
+        None => StreamId::new(
+            concord_core::Hlc::from_u64(id.hlc.as_u64().saturating_add(1)),
+            ReplicaId(0),
+        ),
+    }
+}
+
+impl Subscriptions {
+    /// Publishes a durable entry to the subscribers of its stream.
+    pub fn publish(&self, appended: Appended) {
+        // No subscriber is not an error.
+        let _ = self.tx.send(Arc::new(appended));
+    }
+
+    /// Subscribes to one stream: entries after `after` already there (none
+    /// when `after` is unset), then every new entry.
+    pub fn subscribe(
+        &self,
+        store: Arc<Store>,
+        keyspace: KeyspaceId,
+        key: String,
+        after: Option<StreamId>,
+    ) -> Result<ReceiverStream<Result<pb::StreamEntry, Status>>> {
+        let mut live = self.tx.subscribe();
+        let (out, out_rx) = mpsc::channel(SUBSCRIBER_QUEUE_ENTRIES);
+        tokio::spawn(async move {
+            let mut sent_up_to = after;
+            if let Some(after) = after {
+                let mut from = successor(after);
+                loop {
+                    let (s, ks, k) = (store.clone(), keyspace.clone(), key.clone());
+                    let page = tokio::task::spawn_blocking(move || {
+                        s.stream_range(&ks, &k, from, StreamId::MAX, BACKLOG_PAGE_ENTRIES)
+                    })
+                    .await;
+                    let page = match page {
+                        Ok(Ok(page)) => page,
+                        Ok(Err(e)) => {
+                            let _ = out.send(Err(Status::from(crate::NodeError::from(e)))).await;
+                            return;
+                        }
+                        Err(e) => {
+                            let _ = out.send(Err(Status::unavailable(e.to_string()))).await;
+                            return;
+                        }
+                    };
+                    let full = page.len() == BACKLOG_PAGE_ENTRIES;
+                    for entry in page {
+                        from = successor(entry.id);
+                        sent_up_to = Some(entry.id);
+                        if out.send(Ok(entry.into())).await.is_err() {
+                            return;
+                        }
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+            }
+            loop {
+                let appended = match live.recv().await {
+                    Ok(a) => a,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let last = sent_up_to.map_or("none".to_string(), |id| id.to_string());
+                        let _ = out
+                            .send(Err(Status::resource_exhausted(format!(
+                                "subscriber fell {n} entries behind; resubscribe after the last id received ({last})"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                if appended.keyspace != keyspace || appended.key != key {
+                    continue;
+                }
+                // Already sent from the backlog.
+                if sent_up_to.is_some_and(|s| appended.entry.id <= s) {
+                    continue;
+                }
+                sent_up_to = Some(appended.entry.id);
+                if out.send(Ok(appended.entry.clone().into())).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(ReceiverStream::new(out_rx))
+    }
+}

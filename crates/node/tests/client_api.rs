@@ -1,0 +1,501 @@
+//! The client API against one node served on 127.0.0.1: every operation,
+//! batches, subscriptions, status, and the gRPC codes of bad requests
+//! (which change nothing stored).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use concord_core::clock::SystemTime;
+use concord_core::{Clock, ReplicaId};
+use concord_node::Engine;
+use concord_proto::v1 as pb;
+use concord_proto::v1::concord_client::ConcordClient;
+use concord_store::{Identity, Store, StoreOptions};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::Code;
+
+struct Node {
+    client: ConcordClient<Channel>,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Node {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(
+        dir.path(),
+        Identity {
+            region: "us-east".into(),
+            replica: ReplicaId(1),
+        },
+        StoreOptions::default(),
+    )
+    .expect("open");
+    let clock = Clock::new(SystemTime, 0, store.hlc_high_water().expect("hlc")).expect("clock");
+    let engine = Engine::new(Arc::new(store), Arc::new(clock));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(concord_node::serve(
+        engine,
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let client = ConcordClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+        .max_encoding_message_size(64 << 20);
+    Node {
+        client,
+        _shutdown: tx,
+        _dir: dir,
+    }
+}
+
+async fn create(c: &mut ConcordClient<Channel>, name: &str, ty: pb::CrdtType) -> bool {
+    c.create_keyspace(pb::CreateKeyspaceRequest {
+        name: name.into(),
+        r#type: ty.into(),
+    })
+    .await
+    .expect("create")
+    .into_inner()
+    .created
+}
+
+fn incr(ks: &str, key: &str, delta: i64) -> pb::CounterIncrementRequest {
+    pb::CounterIncrementRequest {
+        keyspace: ks.into(),
+        key: key.into(),
+        delta,
+    }
+}
+
+fn get(ks: &str, key: &str) -> pb::CounterGetRequest {
+    pb::CounterGetRequest {
+        keyspace: ks.into(),
+        key: key.into(),
+    }
+}
+
+fn append(v: u8) -> pb::StreamAppendRequest {
+    pb::StreamAppendRequest {
+        keyspace: "events".into(),
+        key: "e".into(),
+        fields: vec![pb::StreamField {
+            name: "v".into(),
+            value: vec![v],
+        }],
+    }
+}
+
+#[tokio::test]
+async fn every_operation_works_against_one_node() {
+    let node = start().await;
+    let mut c = node.client.clone();
+    assert!(create(&mut c, "hits", pb::CrdtType::Counter).await);
+    assert!(
+        !create(&mut c, "hits", pb::CrdtType::Counter).await,
+        "idempotent"
+    );
+    create(&mut c, "tags", pb::CrdtType::Set).await;
+    create(&mut c, "names", pb::CrdtType::Register).await;
+    create(&mut c, "events", pb::CrdtType::Stream).await;
+
+    let list = c
+        .list_keyspaces(pb::ListKeyspacesRequest {})
+        .await
+        .expect("list")
+        .into_inner();
+    let names: Vec<_> = list.keyspaces.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(names, ["events", "hits", "names", "tags"]);
+    let info = c
+        .describe_keyspace(pb::DescribeKeyspaceRequest {
+            name: "tags".into(),
+        })
+        .await
+        .expect("describe")
+        .into_inner();
+    assert_eq!(info.r#type, pb::CrdtType::Set as i32);
+    assert_eq!(info.created_by, 1);
+
+    // Counter.
+    for delta in [5, -2, 10] {
+        let r = c
+            .counter_increment(incr("hits", "home", delta))
+            .await
+            .expect("incr")
+            .into_inner();
+        assert!(r.write.expect("write").seq > 0);
+    }
+    let v = c
+        .counter_get(get("hits", "home"))
+        .await
+        .expect("get")
+        .into_inner()
+        .value;
+    assert_eq!(v, 13);
+
+    // Set.
+    let w = c
+        .set_add(pb::SetAddRequest {
+            keyspace: "tags".into(),
+            key: "t".into(),
+            members: vec![b"b".to_vec(), b"a".to_vec(), b"c".to_vec()],
+        })
+        .await
+        .expect("add")
+        .into_inner();
+    assert!(w.seq > 0 && w.hlc > 0);
+    let remove = |m: &str| pb::SetRemoveRequest {
+        keyspace: "tags".into(),
+        key: "t".into(),
+        members: vec![m.as_bytes().to_vec()],
+    };
+    c.set_remove(remove("c")).await.expect("remove");
+    let absent = c
+        .set_remove(remove("zz"))
+        .await
+        .expect("remove absent")
+        .into_inner();
+    assert_eq!(absent.seq, 0, "removing an absent member logs nothing");
+    let members = c
+        .set_members(pb::SetMembersRequest {
+            keyspace: "tags".into(),
+            key: "t".into(),
+        })
+        .await
+        .expect("members")
+        .into_inner()
+        .members;
+    assert_eq!(members, vec![b"a".to_vec(), b"b".to_vec()]);
+    let has = |m: &str| pb::SetContainsRequest {
+        keyspace: "tags".into(),
+        key: "t".into(),
+        member: m.as_bytes().to_vec(),
+    };
+    assert!(
+        c.set_contains(has("a"))
+            .await
+            .expect("contains")
+            .into_inner()
+            .contains
+    );
+    assert!(
+        !c.set_contains(has("c"))
+            .await
+            .expect("contains")
+            .into_inner()
+            .contains
+    );
+
+    // Register.
+    let reg_get = pb::RegisterGetRequest {
+        keyspace: "names".into(),
+        key: "n".into(),
+    };
+    let never = c
+        .register_get(reg_get.clone())
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(!never.found);
+    for v in ["first", "second"] {
+        c.register_set(pb::RegisterSetRequest {
+            keyspace: "names".into(),
+            key: "n".into(),
+            value: v.as_bytes().to_vec(),
+        })
+        .await
+        .expect("set");
+    }
+    let r = c.register_get(reg_get).await.expect("get").into_inner();
+    assert!(r.found && r.value == b"second" && r.replica == 1, "{r:?}");
+
+    // Stream.
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let a = c
+            .stream_append(append(i))
+            .await
+            .expect("append")
+            .into_inner();
+        ids.push(a.id.expect("id"));
+    }
+    let range = |from: Option<pb::StreamId>, count| pb::StreamRangeRequest {
+        keyspace: "events".into(),
+        key: "e".into(),
+        from,
+        to: None,
+        count,
+    };
+    let all = c
+        .stream_range(range(None, 0))
+        .await
+        .expect("range")
+        .into_inner();
+    assert_eq!(all.entries.len(), 5);
+    let two = c
+        .stream_range(range(Some(ids[1]), 2))
+        .await
+        .expect("range")
+        .into_inner();
+    let values: Vec<u8> = two.entries.iter().map(|e| e.fields[0].value[0]).collect();
+    assert_eq!(values, [1, 2]);
+    c.stream_trim(pb::StreamTrimRequest {
+        keyspace: "events".into(),
+        key: "e".into(),
+        before: Some(ids[3]),
+    })
+    .await
+    .expect("trim");
+    let left = c
+        .stream_range(range(None, 0))
+        .await
+        .expect("range")
+        .into_inner();
+    assert_eq!(left.entries.len(), 2);
+
+    // Status.
+    let s = c
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!((s.region.as_str(), s.replica_id), ("us-east", 1));
+    assert_eq!(s.durability, pb::DurabilityMode::Group as i32);
+    // 4 declarations, 3 increments, 2 set writes, 2 register writes,
+    // 5 appends, 1 trim.
+    assert_eq!(s.applied.expect("applied").seqs[&1], 17);
+}
+
+#[tokio::test]
+async fn a_batch_is_atomic_ordered_and_reads_its_own_writes() {
+    use pb::operation::Op;
+    let node = start().await;
+    let mut c = node.client.clone();
+    create(&mut c, "hits", pb::CrdtType::Counter).await;
+    let op_incr = |n| pb::Operation {
+        op: Some(Op::CounterIncrement(incr("hits", "k", n))),
+    };
+    let op_get = pb::Operation {
+        op: Some(Op::CounterGet(get("hits", "k"))),
+    };
+    let value_of = |r: &pb::OperationResult| match &r.result {
+        Some(pb::operation_result::Result::CounterGet(g)) => g.value,
+        other => panic!("{other:?}"),
+    };
+    let results = c
+        .batch(pb::BatchRequest {
+            operations: vec![op_incr(2), op_incr(3), op_get.clone()],
+        })
+        .await
+        .expect("batch")
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 3);
+    assert_eq!(value_of(&results[2]), 5);
+
+    // A batch with one bad operation changes nothing.
+    let bad = pb::Operation {
+        op: Some(Op::SetAdd(pb::SetAddRequest {
+            keyspace: "hits".into(),
+            key: "k".into(),
+            members: vec![b"x".to_vec()],
+        })),
+    };
+    let err = c
+        .batch(pb::BatchRequest {
+            operations: vec![op_incr(100), bad],
+        })
+        .await
+        .expect_err("type mismatch");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let after = c
+        .batch(pb::BatchRequest {
+            operations: vec![op_get],
+        })
+        .await
+        .expect("batch")
+        .into_inner()
+        .results;
+    assert_eq!(value_of(&after[0]), 5);
+
+    // Empty, oversized and unset batches.
+    let code = |r: Result<tonic::Response<pb::BatchResponse>, tonic::Status>| {
+        r.expect_err("must fail").code()
+    };
+    let empty = c.batch(pb::BatchRequest { operations: vec![] }).await;
+    assert_eq!(code(empty), Code::InvalidArgument);
+    let huge = c
+        .batch(pb::BatchRequest {
+            operations: (0..1025).map(|_| op_incr(1)).collect(),
+        })
+        .await;
+    assert_eq!(code(huge), Code::ResourceExhausted);
+    let unset = c
+        .batch(pb::BatchRequest {
+            operations: vec![pb::Operation { op: None }],
+        })
+        .await;
+    assert_eq!(code(unset), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_codes_and_change_nothing() {
+    let node = start().await;
+    let mut c = node.client.clone();
+    create(&mut c, "hits", pb::CrdtType::Counter).await;
+    create(&mut c, "names", pb::CrdtType::Register).await;
+    let code = |r: Result<tonic::Response<pb::CounterGetResponse>, tonic::Status>| {
+        r.expect_err("must fail").code()
+    };
+    assert_eq!(code(c.counter_get(get("nope", "k")).await), Code::NotFound);
+    assert_eq!(
+        code(c.counter_get(get("", "k")).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(c.counter_get(get("hits", "")).await),
+        Code::InvalidArgument
+    );
+    let long_key = "k".repeat(2000);
+    assert_eq!(
+        code(c.counter_get(get("hits", &long_key)).await),
+        Code::ResourceExhausted
+    );
+
+    // Wrong type for the keyspace.
+    let wrong = c
+        .set_add(pb::SetAddRequest {
+            keyspace: "hits".into(),
+            key: "k".into(),
+            members: vec![b"m".to_vec()],
+        })
+        .await
+        .expect_err("wrong type");
+    assert_eq!(wrong.code(), Code::FailedPrecondition);
+    assert!(wrong.message().contains("counter"), "{}", wrong.message());
+
+    // An existing name with another type; bad names and types.
+    let conflict = c
+        .create_keyspace(pb::CreateKeyspaceRequest {
+            name: "hits".into(),
+            r#type: pb::CrdtType::Set.into(),
+        })
+        .await
+        .expect_err("conflict");
+    assert_eq!(conflict.code(), Code::FailedPrecondition);
+    for (name, ty) in [("", 1), ("has space", 1), ("ok", 0), ("ok", 99)] {
+        let err = c
+            .create_keyspace(pb::CreateKeyspaceRequest {
+                name: name.into(),
+                r#type: ty,
+            })
+            .await
+            .expect_err("bad create");
+        assert_eq!(err.code(), Code::InvalidArgument, "{name:?} {ty}");
+    }
+
+    // An oversized value, and a message over the node's message limit.
+    let set = |len: usize| pb::RegisterSetRequest {
+        keyspace: "names".into(),
+        key: "k".into(),
+        value: vec![0; len],
+    };
+    let big = c.register_set(set(2 << 20)).await.expect_err("big value");
+    assert_eq!(big.code(), Code::ResourceExhausted);
+    // tonic refuses a message over the decoding limit with OUT_OF_RANGE
+    // before the service sees it.
+    let huge = c
+        .register_set(set(20 << 20))
+        .await
+        .expect_err("huge message");
+    assert_eq!(huge.code(), Code::OutOfRange, "{huge:?}");
+
+    // A trim without its bound.
+    let trim = c
+        .stream_trim(pb::StreamTrimRequest {
+            keyspace: "names".into(),
+            key: "k".into(),
+            before: None,
+        })
+        .await
+        .expect_err("no bound");
+    assert_eq!(trim.code(), Code::InvalidArgument);
+
+    // Nothing was stored by any of it, and the node still serves.
+    let s = c
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(
+        s.applied.expect("applied").seqs[&1],
+        2,
+        "only the declarations"
+    );
+}
+
+#[tokio::test]
+async fn a_subscriber_gets_the_backlog_then_live_entries_once() {
+    let node = start().await;
+    let mut c = node.client.clone();
+    create(&mut c, "events", pb::CrdtType::Stream).await;
+    let first = c
+        .stream_append(append(0))
+        .await
+        .expect("append")
+        .into_inner();
+    c.stream_append(append(1)).await.expect("append");
+    c.stream_append(append(2)).await.expect("append");
+
+    let subscribe = |after| pb::StreamSubscribeRequest {
+        keyspace: "events".into(),
+        key: "e".into(),
+        after,
+    };
+    let mut from_first = c
+        .stream_subscribe(subscribe(first.id))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut live_only = c
+        .stream_subscribe(subscribe(None))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    // Both are registered for live entries once their call returned.
+    for v in 3..6 {
+        c.stream_append(append(v)).await.expect("append");
+    }
+    async fn take(s: &mut tonic::Streaming<pb::StreamEntry>, n: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let e = tokio::time::timeout(Duration::from_secs(10), s.next())
+                .await
+                .expect("entry in time")
+                .expect("stream open")
+                .expect("entry");
+            got.push(e.fields[0].value[0]);
+        }
+        got
+    }
+    assert_eq!(take(&mut from_first, 5).await, [1, 2, 3, 4, 5]);
+    assert_eq!(take(&mut live_only, 3).await, [3, 4, 5]);
+
+    let unknown = c
+        .stream_subscribe(pb::StreamSubscribeRequest {
+            keyspace: "nope".into(),
+            key: "e".into(),
+            after: None,
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(unknown.code(), Code::NotFound);
+}
