@@ -210,7 +210,7 @@ impl Concord for ClientService {
             keyspace,
             r.key,
             r.after.map(StreamId::from),
-        )?;
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 

@@ -16,8 +16,6 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::error::Result;
-
 /// Entries in flight to all subscribers; a subscriber further behind than
 /// this is ended with RESOURCE_EXHAUSTED and can resubscribe after the
 /// last id it got.
@@ -80,7 +78,7 @@ impl Subscriptions {
         keyspace: KeyspaceId,
         key: String,
         after: Option<StreamId>,
-    ) -> Result<ReceiverStream<Result<pb::StreamEntry, Status>>> {
+    ) -> ReceiverStream<Result<pb::StreamEntry, Status>> {
         let mut live = self.tx.subscribe();
         let (out, out_rx) = mpsc::channel(SUBSCRIBER_QUEUE_ENTRIES);
         tokio::spawn(async move {
@@ -144,6 +142,6 @@ impl Subscriptions {
                 }
             }
         });
-        Ok(ReceiverStream::new(out_rx))
+        ReceiverStream::new(out_rx)
     }
 }

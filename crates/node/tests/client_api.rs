@@ -499,3 +499,60 @@ async fn a_subscriber_gets_the_backlog_then_live_entries_once() {
         .expect_err("unknown");
     assert_eq!(unknown.code(), Code::NotFound);
 }
+
+#[tokio::test]
+async fn a_subscriber_that_falls_too_far_behind_is_ended_with_resource_exhausted() {
+    use concord_node::subscribe::PUBLISH_BUFFER_ENTRIES;
+    let node = start().await;
+    let mut c = node.client.clone();
+    create(&mut c, "events", pb::CrdtType::Stream).await;
+    let mut sub = c
+        .stream_subscribe(pb::StreamSubscribeRequest {
+            keyspace: "events".into(),
+            key: "e".into(),
+            after: None,
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    // The subscriber reads nothing while far more entries than the publish
+    // buffer, and than HTTP/2 flow control holds, are appended.
+    let entry = pb::Operation {
+        op: Some(pb::operation::Op::StreamAppend(pb::StreamAppendRequest {
+            keyspace: "events".into(),
+            key: "e".into(),
+            fields: vec![pb::StreamField {
+                name: "v".into(),
+                value: vec![7; 1024],
+            }],
+        })),
+    };
+    let batches = 4 * PUBLISH_BUFFER_ENTRIES / 1000 + 1;
+    for _ in 0..batches {
+        c.batch(pb::BatchRequest {
+            operations: vec![entry.clone(); 1000],
+        })
+        .await
+        .expect("append batch");
+    }
+    let mut received = 0usize;
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .expect("the subscription moves")
+        {
+            Some(Ok(_)) => received += 1,
+            Some(Err(status)) => break status,
+            None => panic!("ended without an error after {received} entries"),
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("resubscribe"),
+        "{}",
+        status.message()
+    );
+    assert!(received < batches * 1000, "{received}");
+    // The node still serves.
+    c.status(pb::StatusRequest {}).await.expect("status");
+}

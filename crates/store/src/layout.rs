@@ -137,6 +137,17 @@ pub fn row_key(name: &str, key: &str, id: StreamId) -> Vec<u8> {
     k
 }
 
+/// The `stream_rows` keys of one stream's entries with `from <= id <= to`;
+/// `None` when the range is empty.
+pub(crate) fn row_range(
+    name: &str,
+    key: &str,
+    from: StreamId,
+    to: StreamId,
+) -> Option<std::ops::RangeInclusive<Vec<u8>>> {
+    (from <= to).then(|| row_key(name, key, from)..=row_key(name, key, to))
+}
+
 /// The entry id at the end of a `stream_rows` key.
 pub(crate) fn parse_row_id(k: &[u8]) -> Result<StreamId> {
     let n = k.len();

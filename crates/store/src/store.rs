@@ -796,13 +796,11 @@ impl Store {
         to: StreamId,
         count: usize,
     ) -> Result<Vec<StreamEntry>> {
-        let lo = layout::row_key(name, key, from);
-        let hi = layout::row_key(name, key, to);
-        if lo > hi {
+        let Some(range) = layout::row_range(name, key, from, to) else {
             return Ok(Vec::new());
-        }
+        };
         let mut out = Vec::new();
-        for item in self.t.rows.range(lo..=hi).take(count) {
+        for item in self.t.rows.range(range).take(count) {
             let (k, v) = item?;
             out.push(decode_row(&k, &v)?);
         }
@@ -1184,12 +1182,10 @@ impl RowOverlay {
     fn preload(committed: &sled::Tree, needs: &[RowNeed]) -> Result<RowOverlay> {
         let mut overlay = RowOverlay::default();
         for need in needs {
-            let lo = layout::row_key(&need.name, &need.key, need.from);
-            let hi = layout::row_key(&need.name, &need.key, need.to);
-            if lo > hi {
+            let Some(range) = layout::row_range(&need.name, &need.key, need.from, need.to) else {
                 continue;
-            }
-            for item in committed.range(lo..=hi).take(need.limit) {
+            };
+            for item in committed.range(range).take(need.limit) {
                 let (k, v) = item?;
                 overlay.committed.insert(k.to_vec(), v.to_vec());
             }
@@ -1206,16 +1202,14 @@ impl RowOverlay {
         to: StreamId,
         count: usize,
     ) -> Result<Vec<StreamEntry>> {
-        let lo = layout::row_key(name, key, from);
-        let hi = layout::row_key(name, key, to);
-        if lo > hi {
+        let Some(range) = layout::row_range(name, key, from, to) else {
             return Ok(Vec::new());
-        }
+        };
         let mut rows: BTreeMap<&[u8], &[u8]> = BTreeMap::new();
-        for (k, v) in self.committed.range(lo.clone()..=hi.clone()) {
+        for (k, v) in self.committed.range(range.clone()) {
             rows.insert(k, v);
         }
-        for (k, v) in self.inserted.range(lo..=hi) {
+        for (k, v) in self.inserted.range(range) {
             rows.insert(k, v);
         }
         rows.into_iter()

@@ -252,3 +252,23 @@ fn trimmed_rows_are_invisible_at_once_and_swept_in_bounded_steps_even_across_a_c
     store.apply_remote(&[late], clock.last()).expect("apply");
     assert_eq!(store.stream(&events, "s").expect("stream").len(), 50);
 }
+
+#[test]
+fn a_zero_flush_interval_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let options = StoreOptions {
+        flush_every_ms: 0,
+        ..StoreOptions::default()
+    };
+    let err = concord_store::Store::open(
+        dir.path(),
+        concord_store::Identity {
+            region: "r".into(),
+            replica: ME,
+        },
+        options,
+    )
+    .expect_err("zero interval");
+    assert!(matches!(err, StoreError::Options(_)), "{err}");
+    assert!(err.is_invalid_input());
+}
