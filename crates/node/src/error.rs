@@ -42,6 +42,15 @@ pub enum NodeError {
     /// The node is shutting down, or a background task it needed is gone.
     #[error("unavailable: {0}")]
     Unavailable(String),
+
+    /// The configuration is invalid; the message names the field.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// The node could not start or serve: a port, the metrics endpoint or
+    /// the transport failed.
+    #[error("{0}")]
+    Serve(String),
 }
 
 impl NodeError {
@@ -55,6 +64,8 @@ impl NodeError {
             NodeError::InvalidRequest(_) => Code::InvalidArgument,
             NodeError::OutOfRange(_) => Code::OutOfRange,
             NodeError::Unavailable(_) => Code::Unavailable,
+            NodeError::Config(_) => Code::InvalidArgument,
+            NodeError::Serve(_) => Code::Unavailable,
         }
     }
 }

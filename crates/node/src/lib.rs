@@ -1,53 +1,54 @@
 //! The concord region node.
 //!
+//! - [`config`]: the node's configuration (file, environment, flags).
+//! - [`Node`]: opens a region from its configuration and serves it.
 //! - [`command`]: client requests validated into typed operations.
 //! - [`engine`]: runs operations against the store as atomic batches and
 //!   waits for durability.
 //! - [`service`]: the `concord.v1.Concord` gRPC service.
+//! - [`peer`]: the configured peers and the `concord.v1.Replication` service.
 //! - [`subscribe`]: live stream subscriptions.
-//! - [`serve`]: serves the node's gRPC API on a listener the caller hands
-//!   in, until a shutdown signal, so tests bind `127.0.0.1:0` and the
-//!   simulator hands in its own sockets.
+//! - [`metrics`]: what the node records for Prometheus.
+//! - [`telemetry`]: log setup for binaries.
 //! - [`NodeError`]: the crate's one error type, mapped to gRPC codes.
+//!
+//! ```no_run
+//! use concord_core::clock::SystemTime;
+//! use concord_node::{Config, Node};
+//!
+//! # async fn run() -> Result<(), concord_node::NodeError> {
+//! let config = Config::from_toml(
+//!     r#"
+//!     region = "us-east"
+//!     replica_id = 1
+//!     listen = "127.0.0.1:7101"
+//!     data_dir = "/var/lib/concord/us-east"
+//!     "#,
+//! )?;
+//! let listener = tokio::net::TcpListener::bind(config.listen).await.map_err(|e| {
+//!     concord_node::NodeError::Serve(e.to_string())
+//! })?;
+//! let node = Node::open(config, SystemTime).await?;
+//! node.serve(
+//!     tokio_stream::wrappers::TcpListenerStream::new(listener),
+//!     async { let _ = tokio::signal::ctrl_c().await; },
+//! )
+//! .await
+//! # }
+//! ```
 
 pub mod command;
+pub mod config;
 pub mod engine;
 mod error;
+pub mod metrics;
+pub mod peer;
+mod server;
 pub mod service;
 pub mod subscribe;
+pub mod telemetry;
 
-use std::future::Future;
-
+pub use config::Config;
 pub use engine::Engine;
 pub use error::{NodeError, Result};
-
-use concord_proto::v1::concord_server::ConcordServer;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_stream::Stream;
-use tonic::transport::server::Connected;
-
-/// Most bytes of one gRPC message the node decodes or sends: a batch of the
-/// largest operations fits; anything larger is refused with
-/// RESOURCE_EXHAUSTED before it is decoded.
-pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
-
-/// Serves the node's gRPC API on the connections of `incoming` until
-/// `shutdown` completes; requests in flight are finished first.
-pub async fn serve<I, IO, IE>(
-    engine: Engine,
-    incoming: I,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), tonic::transport::Error>
-where
-    I: Stream<Item = std::result::Result<IO, IE>>,
-    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
-    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let client = ConcordServer::new(service::ClientService::new(engine))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
-        .add_service(client)
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-}
+pub use server::{Node, KEEPALIVE, MAX_CONCURRENT_STREAMS, MAX_MESSAGE_BYTES, SHUTDOWN_GRACE};

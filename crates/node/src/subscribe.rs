@@ -5,6 +5,10 @@
 //! entries after an id), read in pages, then the live ones. It registers
 //! for live entries before reading the backlog, so an entry committed in
 //! between arrives once: from the backlog, and its live copy is skipped.
+//!
+//! When the node shuts down, [`Subscriptions::close`] ends every
+//! subscription with UNAVAILABLE, so long-lived calls do not hold the
+//! graceful shutdown open.
 
 use std::sync::Arc;
 
@@ -12,7 +16,7 @@ use concord_core::crdt::{StreamEntry, StreamId};
 use concord_core::{KeyspaceId, ReplicaId};
 use concord_proto::v1 as pb;
 use concord_store::Store;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
@@ -42,12 +46,14 @@ pub struct Appended {
 #[derive(Debug, Clone)]
 pub struct Subscriptions {
     tx: broadcast::Sender<Arc<Appended>>,
+    closed: Arc<watch::Sender<bool>>,
 }
 
 impl Default for Subscriptions {
     fn default() -> Self {
         Subscriptions {
             tx: broadcast::Sender::new(PUBLISH_BUFFER_ENTRIES),
+            closed: Arc::new(watch::Sender::new(false)),
         }
     }
 }
@@ -70,6 +76,16 @@ impl Subscriptions {
         let _ = self.tx.send(Arc::new(appended));
     }
 
+    /// Ends every subscription, current and future, with UNAVAILABLE.
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    /// Number of open subscriptions.
+    pub fn count(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
     /// Subscribes to one stream: entries after `after` already there (none
     /// when `after` is unset), then every new entry.
     pub fn subscribe(
@@ -79,69 +95,93 @@ impl Subscriptions {
         key: String,
         after: Option<StreamId>,
     ) -> ReceiverStream<Result<pb::StreamEntry, Status>> {
-        let mut live = self.tx.subscribe();
+        let live = self.tx.subscribe();
         let (out, out_rx) = mpsc::channel(SUBSCRIBER_QUEUE_ENTRIES);
+        let mut closed = self.closed.subscribe();
+        let goodbye = out.clone();
+        let feed = feed(store, keyspace, key, after, live, out);
         tokio::spawn(async move {
-            let mut sent_up_to = after;
-            if let Some(after) = after {
-                let mut from = successor(after);
-                loop {
-                    let (s, ks, k) = (store.clone(), keyspace.clone(), key.clone());
-                    let page = tokio::task::spawn_blocking(move || {
-                        s.stream_range(&ks, &k, from, StreamId::MAX, BACKLOG_PAGE_ENTRIES)
-                    })
-                    .await;
-                    let page = match page {
-                        Ok(Ok(page)) => page,
-                        Ok(Err(e)) => {
-                            let _ = out.send(Err(Status::from(crate::NodeError::from(e)))).await;
-                            return;
-                        }
-                        Err(e) => {
-                            let _ = out.send(Err(Status::unavailable(e.to_string()))).await;
-                            return;
-                        }
-                    };
-                    let full = page.len() == BACKLOG_PAGE_ENTRIES;
-                    for entry in page {
-                        from = successor(entry.id);
-                        sent_up_to = Some(entry.id);
-                        if out.send(Ok(entry.into())).await.is_err() {
-                            return;
-                        }
-                    }
-                    if !full {
-                        break;
-                    }
+            tokio::select! {
+                _ = closed.wait_for(|closed| *closed) => {
+                    // Best effort: a full queue just ends the stream.
+                    let _ = goodbye.try_send(Err(Status::unavailable(
+                        "the node is shutting down; resubscribe after the last id received",
+                    )));
                 }
-            }
-            loop {
-                let appended = match live.recv().await {
-                    Ok(a) => a,
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let last = sent_up_to.map_or("none".to_string(), |id| id.to_string());
-                        let _ = out
-                            .send(Err(Status::resource_exhausted(format!(
-                                "subscriber fell {n} entries behind; resubscribe after the last id received ({last})"
-                            ))))
-                            .await;
-                        return;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                };
-                if appended.keyspace != keyspace || appended.key != key {
-                    continue;
-                }
-                // Already sent from the backlog.
-                if sent_up_to.is_some_and(|s| appended.entry.id <= s) {
-                    continue;
-                }
-                sent_up_to = Some(appended.entry.id);
-                if out.send(Ok(appended.entry.clone().into())).await.is_err() {
-                    return;
-                }
+                () = feed => {}
             }
         });
         ReceiverStream::new(out_rx)
+    }
+}
+
+/// Sends the backlog after `after`, then live entries, into `out` until the
+/// subscriber goes away or falls too far behind.
+async fn feed(
+    store: Arc<Store>,
+    keyspace: KeyspaceId,
+    key: String,
+    after: Option<StreamId>,
+    mut live: broadcast::Receiver<Arc<Appended>>,
+    out: mpsc::Sender<Result<pb::StreamEntry, Status>>,
+) {
+    let mut sent_up_to = after;
+    if let Some(after) = after {
+        let mut from = successor(after);
+        loop {
+            let (s, ks, k) = (store.clone(), keyspace.clone(), key.clone());
+            let page = tokio::task::spawn_blocking(move || {
+                s.stream_range(&ks, &k, from, StreamId::MAX, BACKLOG_PAGE_ENTRIES)
+            })
+            .await;
+            let page = match page {
+                Ok(Ok(page)) => page,
+                Ok(Err(e)) => {
+                    let _ = out.send(Err(Status::from(crate::NodeError::from(e)))).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = out.send(Err(Status::unavailable(e.to_string()))).await;
+                    return;
+                }
+            };
+            let full = page.len() == BACKLOG_PAGE_ENTRIES;
+            for entry in page {
+                from = successor(entry.id);
+                sent_up_to = Some(entry.id);
+                if out.send(Ok(entry.into())).await.is_err() {
+                    return;
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+    }
+    loop {
+        let appended = match live.recv().await {
+            Ok(a) => a,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                let last = sent_up_to.map_or("none".to_string(), |id| id.to_string());
+                let _ = out
+                    .send(Err(Status::resource_exhausted(format!(
+                        "subscriber fell {n} entries behind; resubscribe after the last id received ({last})"
+                    ))))
+                    .await;
+                return;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if appended.keyspace != keyspace || appended.key != key {
+            continue;
+        }
+        // Already sent from the backlog.
+        if sent_up_to.is_some_and(|s| appended.entry.id <= s) {
+            continue;
+        }
+        sent_up_to = Some(appended.entry.id);
+        if out.send(Ok(appended.entry.clone().into())).await.is_err() {
+            return;
+        }
     }
 }

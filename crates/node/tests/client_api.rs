@@ -2,60 +2,17 @@
 //! batches, subscriptions, status, and the gRPC codes of bad requests
 //! (which change nothing stored).
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use concord_core::clock::SystemTime;
-use concord_core::{Clock, ReplicaId};
-use concord_node::Engine;
 use concord_proto::v1 as pb;
 use concord_proto::v1::concord_client::ConcordClient;
-use concord_store::{Identity, Store, StoreOptions};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
 
-struct Node {
-    client: ConcordClient<Channel>,
-    _shutdown: tokio::sync::oneshot::Sender<()>,
-    _dir: tempfile::TempDir,
-}
+use common::start;
 
-async fn start() -> Node {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = Store::open(
-        dir.path(),
-        Identity {
-            region: "us-east".into(),
-            replica: ReplicaId(1),
-        },
-        StoreOptions::default(),
-    )
-    .expect("open");
-    let clock = Clock::new(SystemTime, 0, store.hlc_high_water().expect("hlc")).expect("clock");
-    let engine = Engine::new(Arc::new(store), Arc::new(clock));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(concord_node::serve(
-        engine,
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-        async {
-            let _ = rx.await;
-        },
-    ));
-    let client = ConcordClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect")
-        .max_encoding_message_size(64 << 20);
-    Node {
-        client,
-        _shutdown: tx,
-        _dir: dir,
-    }
-}
+mod common;
 
 async fn create(c: &mut ConcordClient<Channel>, name: &str, ty: pb::CrdtType) -> bool {
     c.create_keyspace(pb::CreateKeyspaceRequest {
@@ -410,13 +367,20 @@ async fn bad_requests_get_clear_codes_and_change_nothing() {
     };
     let big = c.register_set(set(2 << 20)).await.expect_err("big value");
     assert_eq!(big.code(), Code::ResourceExhausted);
-    // tonic refuses a message over the decoding limit with OUT_OF_RANGE
-    // before the service sees it.
+    // A message over the decoding limit is refused before the service
+    // sees it, with the API's code for limits.
     let huge = c
         .register_set(set(20 << 20))
         .await
         .expect_err("huge message");
-    assert_eq!(huge.code(), Code::OutOfRange, "{huge:?}");
+    assert_eq!(huge.code(), Code::ResourceExhausted, "{huge:?}");
+    assert!(huge.message().contains("too large"), "{huge:?}");
+
+    // Invalid UTF-8 where the API wants text: the key of a counter read,
+    // sent as raw bytes on the wire.
+    let bad = raw_counter_get(&node.channel, b"names", b"\xff\xfe").await;
+    assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+    assert!(bad.message().contains("UTF-8"), "{bad:?}");
 
     // A trim without its bound.
     let trim = c
@@ -555,4 +519,29 @@ async fn a_subscriber_that_falls_too_far_behind_is_ended_with_resource_exhausted
     assert!(received < batches * 1000, "{received}");
     // The node still serves.
     c.status(pb::StatusRequest {}).await.expect("status");
+}
+
+/// `CounterGetRequest` with its string fields as bytes, to put invalid
+/// UTF-8 on the wire.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawCounterGet {
+    #[prost(bytes = "vec", tag = "1")]
+    keyspace: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    key: Vec<u8>,
+}
+
+async fn raw_counter_get(channel: &Channel, keyspace: &[u8], key: &[u8]) -> tonic::Status {
+    let mut grpc = tonic::client::Grpc::new(channel.clone());
+    grpc.ready().await.expect("ready");
+    let codec = tonic_prost::ProstCodec::<RawCounterGet, pb::CounterGetResponse>::default();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/concord.v1.Concord/CounterGet");
+    let request = RawCounterGet {
+        keyspace: keyspace.to_vec(),
+        key: key.to_vec(),
+    };
+    grpc.unary(tonic::Request::new(request), path, codec)
+        .await
+        .expect_err("invalid UTF-8 must be refused")
 }

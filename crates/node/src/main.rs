@@ -1,0 +1,158 @@
+//! `concord-node`: runs one region.
+//!
+//! ```text
+//! concord-node --config /etc/concord/us-east.toml
+//! concord-node --config node.toml --listen 0.0.0.0:7100 --data-dir /data
+//! concord-node --config node.toml --check      # validate and print, then exit
+//! ```
+//!
+//! Configuration comes from the file, then `CONCORD_NODE_*` environment
+//! variables, then these flags (see the `config` module). SIGINT or SIGTERM
+//! shut the node down gracefully: calls in flight finish and every write is
+//! flushed before it exits.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use concord_core::clock::SystemTime;
+use concord_node::config::{Config, Overrides};
+use concord_node::metrics::RPC_DURATION_BUCKETS;
+use concord_node::{Node, NodeError};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+/// Runs one concord region node.
+#[derive(Debug, Parser)]
+#[command(name = "concord-node", version, about)]
+struct Args {
+    /// The TOML configuration file.
+    #[arg(long, short = 'c', value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Overrides `region`.
+    #[arg(long)]
+    region: Option<String>,
+    /// Overrides `replica_id`.
+    #[arg(long)]
+    replica_id: Option<u32>,
+    /// Overrides `listen`, the gRPC address.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Overrides `data_dir`.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Overrides `metrics_listen`, the Prometheus address.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+    /// Validates the configuration, prints it as TOML, and exits.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let overrides = Overrides {
+        region: args.region,
+        replica_id: args.replica_id,
+        listen: args.listen,
+        data_dir: args.data_dir,
+        metrics_listen: args.metrics_listen,
+    };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("concord-node: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        return match config.to_toml() {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("concord-node: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if let Err(e) = concord_node::telemetry::init(&config.log) {
+        eprintln!("concord-node: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("concord-node: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "concord-node stopped");
+            eprintln!("concord-node: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> Result<(), NodeError> {
+    if let Some(addr) = config.metrics_listen {
+        PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .set_buckets_for_metric(
+                Matcher::Full("concord_rpc_duration_seconds".into()),
+                RPC_DURATION_BUCKETS,
+            )
+            .and_then(|b| b.install())
+            .map_err(|e| NodeError::Serve(format!("metrics on {addr}: {e}")))?;
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| NodeError::Serve(format!("cannot listen on {}: {e}", config.listen)))?;
+    let node = Node::open(config, SystemTime).await?;
+    let c = node.config();
+    tracing::info!(
+        region = %c.region,
+        replica_id = c.replica_id,
+        listen = %c.listen,
+        metrics = ?c.metrics_listen,
+        data_dir = %c.data_dir.display(),
+        peers = c.peers.len(),
+        durability = ?c.durability,
+        "serving"
+    );
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    node.serve(incoming, shutdown_signal()).await
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(signal) => signal,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the node");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => tracing::info!("SIGINT received"),
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

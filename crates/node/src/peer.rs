@@ -1,0 +1,245 @@
+//! The peer side of the node: the configured peer regions, what is known
+//! of each ([`Peers`], shown by `Status`), and the `concord.v1.Replication`
+//! service other regions subscribe to.
+//!
+//! The service checks every subscription's opening: the first frame must
+//! be a `Hello` within [`HELLO_TIMEOUT`], in protocol version
+//! [`concord_proto::PEER_PROTOCOL_VERSION`], from a configured region with
+//! its configured replica id, with a clock no further ahead than
+//! `max_drift_ms`. A refused opening is counted per cause and ends the
+//! stream with a clear status. An accepted one is answered with `Welcome`.
+//! Streaming the deltas themselves is the replicator's job; until it is in
+//! place, the stream then ends with UNIMPLEMENTED.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use concord_core::{CoreError, Hlc};
+use concord_proto::v1 as pb;
+use concord_proto::v1::replication_server::Replication;
+use concord_proto::PEER_PROTOCOL_VERSION;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::PeerConfig;
+use crate::engine::Engine;
+use crate::error::NodeError;
+
+/// Longest wait for a subscriber's `Hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Frames queued towards one subscriber.
+pub const PROVIDER_QUEUE_FRAMES: usize = 64;
+
+/// The configured peer regions and what this node knows of each.
+#[derive(Debug, Clone, Default)]
+pub struct Peers {
+    peers: Arc<Vec<Peer>>,
+    unknown_refused: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[derive(Debug)]
+struct Peer {
+    config: PeerConfig,
+    status: Mutex<pb::PeerStatus>,
+}
+
+/// Why a subscription's opening was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The peer's clock is too far ahead.
+    ClockDrift,
+    /// The frames were malformed or out of protocol.
+    BadBatch,
+    /// The peer is not configured.
+    UnknownPeer,
+}
+
+impl Refusal {
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::ClockDrift => "clock_drift",
+            Refusal::BadBatch => "bad_batch",
+            Refusal::UnknownPeer => "unknown_peer",
+        }
+    }
+}
+
+impl Peers {
+    /// The peers of a configuration, none of them connected yet.
+    pub fn new(configs: &[PeerConfig]) -> Self {
+        let mut peers: Vec<Peer> = configs
+            .iter()
+            .map(|c| Peer {
+                config: c.clone(),
+                status: Mutex::new(pb::PeerStatus {
+                    region: c.region.clone(),
+                    replica_id: c.replica_id,
+                    address: c.endpoint.clone(),
+                    ..pb::PeerStatus::default()
+                }),
+            })
+            .collect();
+        peers.sort_by(|a, b| a.config.region.cmp(&b.config.region));
+        Peers {
+            peers: Arc::new(peers),
+            unknown_refused: Arc::default(),
+        }
+    }
+
+    /// The status of every peer, sorted by region name.
+    pub fn status(&self) -> Vec<pb::PeerStatus> {
+        self.peers.iter().map(|p| lock(&p.status).clone()).collect()
+    }
+
+    /// Openings refused because the caller was not a configured peer.
+    pub fn unknown_refused(&self) -> u64 {
+        self.unknown_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn find(&self, region: &str, replica_id: u32) -> Option<&Peer> {
+        self.peers
+            .iter()
+            .find(|p| p.config.region == region && p.config.replica_id == replica_id)
+    }
+
+    fn refused(&self, peer: Option<&Peer>, why: Refusal) {
+        metrics::counter!("concord_peer_refusals_total", "cause" => why.label()).increment(1);
+        let Some(peer) = peer else {
+            self.unknown_refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        };
+        let mut status = lock(&peer.status);
+        match why {
+            Refusal::ClockDrift => {
+                status.refused_clock_drift += 1;
+                status.clock_refused = true;
+            }
+            Refusal::BadBatch => status.refused_bad_batch += 1,
+            Refusal::UnknownPeer => status.refused_unknown_peer += 1,
+        }
+    }
+}
+
+fn lock(m: &Mutex<pb::PeerStatus>) -> std::sync::MutexGuard<'_, pb::PeerStatus> {
+    // A panic while holding the lock leaves plain counters behind; they
+    // are still worth showing.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The `concord.v1.Replication` service.
+#[derive(Debug, Clone)]
+pub struct PeerService {
+    engine: Engine,
+    peers: Peers,
+}
+
+impl PeerService {
+    /// The service of a node with `engine` and `peers`.
+    pub fn new(engine: Engine, peers: Peers) -> Self {
+        PeerService { engine, peers }
+    }
+
+    /// Reads and checks a subscription's opening; returns the peer's
+    /// `Hello` and whom it came from.
+    async fn opening(
+        &self,
+        inbound: &mut Streaming<pb::SubscriberFrame>,
+    ) -> Result<(pb::Hello, &Peer), Status> {
+        let first = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Err(_) => {
+                self.peers.refused(None, Refusal::BadBatch);
+                return Err(Status::deadline_exceeded(format!(
+                    "no Hello within {} s",
+                    HELLO_TIMEOUT.as_secs()
+                )));
+            }
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(None)) => {
+                return Err(Status::invalid_argument(
+                    "the stream ended before its Hello",
+                ))
+            }
+            Ok(Ok(Some(frame))) => frame,
+        };
+        let Some(pb::subscriber_frame::Body::Hello(hello)) = first.body else {
+            self.peers.refused(None, Refusal::BadBatch);
+            return Err(Status::invalid_argument(
+                "the first frame of a subscription must be a Hello",
+            ));
+        };
+        let Some(peer) = self.peers.find(&hello.region, hello.replica_id) else {
+            self.peers.refused(None, Refusal::UnknownPeer);
+            tracing::warn!(region = %hello.region, replica_id = hello.replica_id, "refused a subscription from an unknown region");
+            return Err(Status::permission_denied(format!(
+                "region {:?} with replica id {} is not a configured peer of region {:?}",
+                hello.region,
+                hello.replica_id,
+                self.engine.store().identity().region
+            )));
+        };
+        if hello.protocol_version != PEER_PROTOCOL_VERSION {
+            self.peers.refused(Some(peer), Refusal::BadBatch);
+            return Err(Status::failed_precondition(format!(
+                "peer protocol version {} is not supported; this node speaks {PEER_PROTOCOL_VERSION}",
+                hello.protocol_version
+            )));
+        }
+        let clock = self.engine.clock();
+        let local_ms = clock.physical_unix_ms();
+        let remote = Hlc::from_u64(first.sender_hlc);
+        {
+            let mut status = lock(&peer.status);
+            status.last_contact_unix_ms = u64::try_from(local_ms).unwrap_or(0);
+            status.clock_skew_ms = remote.unix_ms().saturating_sub(local_ms);
+        }
+        match clock.observe(remote) {
+            Ok(_) => lock(&peer.status).clock_refused = false,
+            Err(e @ CoreError::ClockDrift { .. }) => {
+                self.peers.refused(Some(peer), Refusal::ClockDrift);
+                tracing::warn!(peer = %peer.config.region, error = %e, "refused a peer whose clock is too far ahead");
+                return Err(Status::failed_precondition(format!(
+                    "refused: {e}; fix the clock of region {:?}",
+                    peer.config.region
+                )));
+            }
+            Err(e) => return Err(NodeError::from(e).into()),
+        }
+        Ok((hello, peer))
+    }
+}
+
+#[tonic::async_trait]
+impl Replication for PeerService {
+    type SubscribeStream = ReceiverStream<Result<pb::ProviderFrame, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::SubscriberFrame>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (hello, peer) = self.opening(&mut inbound).await?;
+        tracing::info!(peer = %peer.config.region, origins = ?hello.origins, "peer subscribed");
+        let store = self.engine.store();
+        let applied = store.version_vector().map_err(NodeError::from)?;
+        let welcome = pb::ProviderFrame {
+            sender_hlc: self.engine.clock().now().map_err(NodeError::from)?.as_u64(),
+            body: Some(pb::provider_frame::Body::Welcome(pb::Welcome {
+                protocol_version: PEER_PROTOCOL_VERSION,
+                region: store.identity().region.clone(),
+                replica_id: store.identity().replica.0,
+                applied: Some((&applied).into()),
+            })),
+        };
+        let (tx, rx) = mpsc::channel(PROVIDER_QUEUE_FRAMES);
+        // The queue is new and holds nothing else: these cannot block.
+        let _ = tx.try_send(Ok(welcome));
+        let _ = tx.try_send(Err(Status::unimplemented(
+            "this node does not stream deltas yet",
+        )));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

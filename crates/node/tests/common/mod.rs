@@ -1,0 +1,57 @@
+//! One node served in-process on 127.0.0.1, for the API tests.
+
+#![allow(dead_code)]
+
+use concord_core::clock::SystemTime;
+use concord_node::Config;
+use concord_proto::v1::concord_client::ConcordClient;
+use tonic::transport::Channel;
+
+pub struct Node {
+    pub client: ConcordClient<Channel>,
+    pub channel: Channel,
+    _shutdown: tokio::sync::oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+/// A node of region us-east (replica 1) with the default configuration.
+pub async fn start() -> Node {
+    start_with("max_drift_ms = 0").await
+}
+
+/// A node of region us-east (replica 1); `extra` is appended to its
+/// configuration file.
+pub async fn start_with(extra: &str) -> Node {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config::from_toml(&format!(
+        "region = \"us-east\"\nreplica_id = 1\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\n{extra}",
+        dir.path().join("data")
+    ))
+    .expect("config");
+    let node = concord_node::Node::open(config, SystemTime)
+        .await
+        .expect("open");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(node.serve(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let client = ConcordClient::new(channel.clone()).max_encoding_message_size(64 << 20);
+    Node {
+        client,
+        channel,
+        _shutdown: tx,
+        _dir: dir,
+    }
+}
