@@ -42,34 +42,11 @@ pub async fn observe_rpc<T>(
         Ok(_) => tonic::Code::Ok,
         Err(status) => status.code(),
     };
-    metrics::counter!("concord_rpc_requests_total", "rpc" => rpc, "code" => code_label(code))
+    metrics::counter!("concord_rpc_requests_total", "rpc" => rpc, "code" => concord_proto::code_name(code))
         .increment(1);
     metrics::histogram!("concord_rpc_duration_seconds", "rpc" => rpc)
         .record(started.elapsed().as_secs_f64());
     result
-}
-
-fn code_label(code: tonic::Code) -> &'static str {
-    use tonic::Code::*;
-    match code {
-        Ok => "OK",
-        Cancelled => "CANCELLED",
-        Unknown => "UNKNOWN",
-        InvalidArgument => "INVALID_ARGUMENT",
-        DeadlineExceeded => "DEADLINE_EXCEEDED",
-        NotFound => "NOT_FOUND",
-        AlreadyExists => "ALREADY_EXISTS",
-        PermissionDenied => "PERMISSION_DENIED",
-        ResourceExhausted => "RESOURCE_EXHAUSTED",
-        FailedPrecondition => "FAILED_PRECONDITION",
-        Aborted => "ABORTED",
-        OutOfRange => "OUT_OF_RANGE",
-        Unimplemented => "UNIMPLEMENTED",
-        Internal => "INTERNAL",
-        Unavailable => "UNAVAILABLE",
-        DataLoss => "DATA_LOSS",
-        Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 /// Refreshes the store's gauges every [`GAUGE_REFRESH`] until `stop`.

@@ -86,9 +86,13 @@ async fn only_configured_peers_with_sane_clocks_may_subscribe() {
 
     let not_hello = pb::SubscriberFrame {
         sender_hlc: hlc_at(0),
-        body: Some(pb::subscriber_frame::Body::Heartbeat(pb::Heartbeat::default())),
+        body: Some(pb::subscriber_frame::Body::Heartbeat(
+            pb::Heartbeat::default(),
+        )),
     };
-    let e = open(&node, not_hello).await.expect_err("must open with Hello");
+    let e = open(&node, not_hello)
+        .await
+        .expect_err("must open with Hello");
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
     let ahead = open(&node, hello("eu-west", 2, hlc_at(60_000)))
