@@ -1,0 +1,290 @@
+//! What the commands print: text for people, or JSON (one document per
+//! command; one object per line for `stream tail`).
+
+use concord_client::proto::{DurabilityMode, StatusResponse};
+use concord_client::{Entry, KeyspaceInfo, RegisterValue, StreamId, WriteAck};
+use serde_json::{json, Value};
+
+/// Where results go.
+#[derive(Debug, Clone, Copy)]
+pub struct Out {
+    json: bool,
+}
+
+/// Bytes as text: as they are when they are UTF-8, else as `0x` and hex.
+pub fn text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(_) => {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            format!("0x{hex}")
+        }
+    }
+}
+
+fn keyspace_json(k: &KeyspaceInfo) -> Value {
+    json!({
+        "name": k.name,
+        "type": k.ty.as_str(),
+        "created_hlc": k.created_hlc,
+        "created_by": k.created_by,
+        "conflicts": k.conflicts.iter().map(|c| json!({
+            "type": c.ty.as_str(),
+            "alias": c.alias,
+            "created_hlc": c.created_hlc,
+            "created_by": c.created_by,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn entry_json(e: &Entry) -> Value {
+    let fields: serde_json::Map<String, Value> = e
+        .fields
+        .iter()
+        .map(|(name, value)| (name.clone(), Value::String(text(value))))
+        .collect();
+    json!({ "id": e.id.to_string(), "fields": fields })
+}
+
+fn entry_text(e: &Entry) -> String {
+    let fields: Vec<String> = e
+        .fields
+        .iter()
+        .map(|(name, value)| format!("{name}={}", text(value)))
+        .collect();
+    format!("{} {}", e.id, fields.join(" "))
+}
+
+impl Out {
+    /// Text, or JSON when `json`.
+    pub fn new(json: bool) -> Self {
+        Out { json }
+    }
+
+    /// Whether output is JSON.
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
+    fn print(&self, json: Value, text: impl FnOnce() -> String) {
+        if self.json {
+            println!("{json}");
+        } else {
+            let text = text();
+            if !text.is_empty() {
+                println!("{text}");
+            }
+        }
+    }
+
+    pub fn created(&self, k: &KeyspaceInfo, created: bool) {
+        let mut j = keyspace_json(k);
+        j["created"] = Value::Bool(created);
+        self.print(j, || {
+            if created {
+                format!("created keyspace {} ({})", k.name, k.ty)
+            } else {
+                format!("keyspace {} already exists ({})", k.name, k.ty)
+            }
+        });
+    }
+
+    pub fn keyspaces(&self, all: &[KeyspaceInfo]) {
+        self.print(
+            Value::Array(all.iter().map(keyspace_json).collect()),
+            || {
+                let mut lines = vec![format!("{:<32} {:<9} {}", "NAME", "TYPE", "CONFLICTS")];
+                for k in all {
+                    let conflicts: Vec<&str> =
+                        k.conflicts.iter().map(|c| c.alias.as_str()).collect();
+                    lines.push(format!(
+                        "{:<32} {:<9} {}",
+                        k.name,
+                        k.ty.as_str(),
+                        if conflicts.is_empty() {
+                            "-".to_string()
+                        } else {
+                            conflicts.join(",")
+                        }
+                    ));
+                }
+                lines.join("\n")
+            },
+        );
+    }
+
+    pub fn keyspace(&self, k: &KeyspaceInfo) {
+        self.print(keyspace_json(k), || {
+            let mut lines = vec![
+                format!("name:       {}", k.name),
+                format!("type:       {}", k.ty),
+                format!("created by: replica {} at hlc {}", k.created_by, k.created_hlc),
+            ];
+            for c in &k.conflicts {
+                lines.push(format!(
+                    "conflict:   a {} declaration by replica {} lost the name; its data is under {}",
+                    c.ty, c.created_by, c.alias
+                ));
+            }
+            lines.join("\n")
+        });
+    }
+
+    pub fn counter(&self, value: i64) {
+        self.print(json!({ "value": value }), || value.to_string());
+    }
+
+    pub fn write(&self, ack: WriteAck) {
+        self.print(json!({ "hlc": ack.hlc, "seq": ack.seq }), || {
+            if ack.seq == 0 {
+                "ok (nothing changed)".to_string()
+            } else {
+                format!("ok (seq {})", ack.seq)
+            }
+        });
+    }
+
+    pub fn members(&self, members: &[Vec<u8>]) {
+        let members: Vec<String> = members.iter().map(|m| text(m)).collect();
+        self.print(json!(members), || members.join("\n"));
+    }
+
+    pub fn contains(&self, contains: bool) {
+        self.print(json!({ "contains": contains }), || contains.to_string());
+    }
+
+    pub fn register(&self, value: Option<&RegisterValue>) {
+        let j = match value {
+            Some(v) => json!({
+                "found": true,
+                "value": text(&v.value),
+                "hlc": v.hlc,
+                "replica": v.replica,
+            }),
+            None => json!({ "found": false }),
+        };
+        self.print(j, || match value {
+            Some(v) => text(&v.value),
+            None => "(not set)".to_string(),
+        });
+    }
+
+    pub fn appended(&self, id: StreamId) {
+        self.print(json!({ "id": id.to_string() }), || id.to_string());
+    }
+
+    pub fn entries(&self, entries: &[Entry]) {
+        self.print(
+            Value::Array(entries.iter().map(entry_json).collect()),
+            || {
+                entries
+                    .iter()
+                    .map(entry_text)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            },
+        );
+    }
+
+    /// One entry of a followed stream, printed at once.
+    pub fn entry_line(&self, e: &Entry) {
+        self.print(entry_json(e), || entry_text(e));
+    }
+
+    pub fn status(&self, s: &StatusResponse) {
+        let applied: serde_json::Map<String, Value> = s
+            .applied
+            .as_ref()
+            .map(|vv| {
+                vv.seqs
+                    .iter()
+                    .map(|(r, seq)| (r.to_string(), json!(seq)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let durability = match s.durability() {
+            DurabilityMode::Group => "group",
+            DurabilityMode::Relaxed => "relaxed",
+            DurabilityMode::Unspecified => "unspecified",
+        };
+        let peers: Vec<Value> = s
+            .peers
+            .iter()
+            .map(|p| {
+                json!({
+                    "region": p.region,
+                    "replica_id": p.replica_id,
+                    "address": p.address,
+                    "connected": p.connected,
+                    "last_contact_unix_ms": p.last_contact_unix_ms,
+                    "lag_ops": p.lag_ops,
+                    "lag_ms": p.lag_ms,
+                    "clock_skew_ms": p.clock_skew_ms,
+                    "clock_refused": p.clock_refused,
+                    "deltas_sent": p.deltas_sent,
+                    "deltas_received": p.deltas_received,
+                    "bytes_sent": p.bytes_sent,
+                    "bytes_received": p.bytes_received,
+                    "refused_clock_drift": p.refused_clock_drift,
+                    "refused_bad_batch": p.refused_bad_batch,
+                    "refused_unknown_peer": p.refused_unknown_peer,
+                })
+            })
+            .collect();
+        let j = json!({
+            "region": s.region,
+            "replica_id": s.replica_id,
+            "hlc": s.hlc,
+            "applied": applied,
+            "durability": durability,
+            "keyspace_conflicts": s.keyspace_conflicts,
+            "uptime_seconds": s.uptime_seconds,
+            "version": s.version,
+            "peers": peers,
+        });
+        self.print(j, || {
+            let vv: Vec<String> = applied
+                .iter()
+                .map(|(r, seq)| format!("{r}:{seq}"))
+                .collect();
+            let mut lines = vec![
+                format!("region:     {} (replica {})", s.region, s.replica_id),
+                format!("version:    {}, up {} s", s.version, s.uptime_seconds),
+                format!("durability: {durability}"),
+                format!("hlc:        {}", s.hlc),
+                format!(
+                    "applied:    {}",
+                    if vv.is_empty() {
+                        "-".into()
+                    } else {
+                        vv.join(" ")
+                    }
+                ),
+                format!("conflicts:  {}", s.keyspace_conflicts),
+            ];
+            if !s.peers.is_empty() {
+                lines.push(format!(
+                    "{:<16} {:<28} {:<10} {:>8} {:>8} {:>9}",
+                    "PEER", "ADDRESS", "CONNECTED", "LAG_OPS", "LAG_MS", "SKEW_MS"
+                ));
+                for p in &s.peers {
+                    lines.push(format!(
+                        "{:<16} {:<28} {:<10} {:>8} {:>8} {:>9}{}",
+                        p.region,
+                        p.address,
+                        if p.connected { "yes" } else { "no" },
+                        p.lag_ops,
+                        p.lag_ms,
+                        p.clock_skew_ms,
+                        if p.clock_refused {
+                            "  (clock refused)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+            }
+            lines.join("\n")
+        });
+    }
+}
