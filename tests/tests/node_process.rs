@@ -59,7 +59,10 @@ fn bad_configuration_files_are_refused_with_the_field_named() {
     // A syntax error shows the line and points at the spot.
     let (code, stderr) = check_config("region = \n");
     assert_eq!(code, 2);
-    assert!(stderr.contains("line 1") && stderr.contains('^'), "{stderr}");
+    assert!(
+        stderr.contains("line 1") && stderr.contains('^'),
+        "{stderr}"
+    );
     let missing = Command::new(binary("concord-node"))
         .args(["--config", "/no/such/file.toml"])
         .output()
