@@ -43,6 +43,7 @@ async fn node(region: &str, replica: u32) -> Running {
     let served = tokio::spawn(async move {
         node.serve(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
+            concord_node::Connector::tcp(),
             async {
                 let _ = rx.await;
             },

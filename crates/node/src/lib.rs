@@ -7,6 +7,8 @@
 //!   waits for durability.
 //! - [`service`]: the `concord.v1.Concord` gRPC service.
 //! - [`peer`]: the configured peers and the `concord.v1.Replication` service.
+//! - [`connect`]: how the node dials its peers ([`Connector`]).
+//! - [`link`]: the outbound link to each peer.
 //! - [`subscribe`]: live stream subscriptions.
 //! - [`metrics`]: what the node records for Prometheus.
 //! - [`telemetry`]: log setup for binaries.
@@ -31,6 +33,7 @@
 //! let node = Node::open(config, SystemTime).await?;
 //! node.serve(
 //!     tokio_stream::wrappers::TcpListenerStream::new(listener),
+//!     concord_node::Connector::tcp(),
 //!     async { let _ = tokio::signal::ctrl_c().await; },
 //! )
 //! .await
@@ -39,8 +42,10 @@
 
 pub mod command;
 pub mod config;
+pub mod connect;
 pub mod engine;
 mod error;
+pub mod link;
 pub mod metrics;
 pub mod peer;
 mod server;
@@ -49,6 +54,7 @@ pub mod subscribe;
 pub mod telemetry;
 
 pub use config::Config;
+pub use connect::Connector;
 pub use engine::Engine;
 pub use error::{NodeError, Result};
 pub use server::{Node, KEEPALIVE, MAX_CONCURRENT_STREAMS, MAX_MESSAGE_BYTES, SHUTDOWN_GRACE};

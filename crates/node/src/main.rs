@@ -19,7 +19,7 @@ use clap::Parser;
 use concord_core::clock::SystemTime;
 use concord_node::config::{Config, Overrides};
 use concord_node::metrics::RPC_DURATION_BUCKETS;
-use concord_node::{Node, NodeError};
+use concord_node::{Connector, Node, NodeError};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 /// Runs one concord region node.
@@ -128,7 +128,8 @@ async fn run(config: Config) -> Result<(), NodeError> {
         "serving"
     );
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    node.serve(incoming, shutdown_signal()).await
+    node.serve(incoming, Connector::tcp(), shutdown_signal())
+        .await
 }
 
 /// Completes on SIGINT or SIGTERM.

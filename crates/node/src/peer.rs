@@ -93,6 +93,41 @@ impl Peers {
         self.peers.iter().map(|p| lock(&p.status).clone()).collect()
     }
 
+    /// Number of configured peers.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Whether no peer is configured.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+
+    /// The configuration of peer `i` (in region-name order).
+    pub(crate) fn config(&self, i: usize) -> &PeerConfig {
+        &self.peers[i].config
+    }
+
+    /// Records a message from peer `i` carrying the peer's clock `remote`.
+    pub(crate) fn contact(&self, i: usize, remote: Hlc, local_ms: i64) {
+        self.peers[i].contact(remote, local_ms);
+    }
+
+    /// Records whether a replication stream with peer `i` is open.
+    pub(crate) fn set_connected(&self, i: usize, connected: bool) {
+        lock(&self.peers[i].status).connected = connected;
+    }
+
+    /// Records an accepted clock from peer `i`.
+    pub(crate) fn clock_accepted(&self, i: usize) {
+        lock(&self.peers[i].status).clock_refused = false;
+    }
+
+    /// Counts a refusal of something peer `i` sent.
+    pub(crate) fn refused_by_index(&self, i: usize, why: Refusal) {
+        self.refused(Some(&self.peers[i]), why);
+    }
+
     /// Openings refused because the caller was not a configured peer.
     pub fn unknown_refused(&self) -> u64 {
         self.unknown_refused
@@ -121,6 +156,14 @@ impl Peers {
             Refusal::BadBatch => status.refused_bad_batch += 1,
             Refusal::UnknownPeer => status.refused_unknown_peer += 1,
         }
+    }
+}
+
+impl Peer {
+    fn contact(&self, remote: Hlc, local_ms: i64) {
+        let mut status = lock(&self.status);
+        status.last_contact_unix_ms = u64::try_from(local_ms).unwrap_or(0);
+        status.clock_skew_ms = remote.unix_ms().saturating_sub(local_ms);
     }
 }
 
@@ -191,11 +234,7 @@ impl PeerService {
         let clock = self.engine.clock();
         let local_ms = clock.physical_unix_ms();
         let remote = Hlc::from_u64(first.sender_hlc);
-        {
-            let mut status = lock(&peer.status);
-            status.last_contact_unix_ms = u64::try_from(local_ms).unwrap_or(0);
-            status.clock_skew_ms = remote.unix_ms().saturating_sub(local_ms);
-        }
+        peer.contact(remote, local_ms);
         match clock.observe(remote) {
             Ok(_) => lock(&peer.status).clock_refused = false,
             Err(e @ CoreError::ClockDrift { .. }) => {
@@ -222,7 +261,7 @@ impl Replication for PeerService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let mut inbound = request.into_inner();
         let (hello, peer) = self.opening(&mut inbound).await?;
-        tracing::info!(peer = %peer.config.region, origins = ?hello.origins, "peer subscribed");
+        tracing::debug!(peer = %peer.config.region, origins = ?hello.origins, "peer subscribed");
         let store = self.engine.store();
         let applied = store.version_vector().map_err(NodeError::from)?;
         let welcome = pb::ProviderFrame {

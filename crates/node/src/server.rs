@@ -22,6 +22,7 @@ use tonic::codegen::http::{HeaderMap, HeaderValue, Response};
 use tonic::transport::server::Connected;
 
 use crate::config::Config;
+use crate::connect::Connector;
 use crate::engine::Engine;
 use crate::error::{NodeError, Result};
 use crate::peer::{PeerService, Peers};
@@ -103,13 +104,15 @@ impl Node {
     }
 
     /// Serves the client API, the peer API, gRPC health and reflection on
-    /// the connections of `incoming` until `shutdown` completes. Then the
+    /// the connections of `incoming`, and links to every configured peer
+    /// through `connector`, until `shutdown` completes. Then the
     /// health service reports NOT_SERVING, subscriptions end, calls in
     /// flight get up to [`SHUTDOWN_GRACE`] to finish, and the store is
     /// flushed.
     pub async fn serve<I, IO, IE>(
         self,
         incoming: I,
+        connector: Connector,
         shutdown: impl Future<Output = ()>,
     ) -> Result<()>
     where
@@ -137,7 +140,7 @@ impl Node {
         let client = ConcordServer::new(ClientService::new(engine.clone(), peers.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let peer = ReplicationServer::new(PeerService::new(engine.clone(), peers))
+        let peer = ReplicationServer::new(PeerService::new(engine.clone(), peers.clone()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
@@ -146,6 +149,7 @@ impl Node {
             engine.clone(),
             wait_for(stopping.clone()),
         ));
+        crate::link::spawn_links(&engine, &peers, &connector, &stopping);
         let graceful = {
             let engine = engine.clone();
             async move {

@@ -1,7 +1,12 @@
 //! The peer API's opening handshake (who may subscribe, with which clock),
 //! the standard health service, and what status shows of the peers.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime as StdTime, UNIX_EPOCH};
+
+use concord_core::clock::SystemTime;
+use concord_node::{Config, Connector, Node};
 
 use concord_core::Hlc;
 use concord_proto::v1 as pb;
@@ -22,7 +27,7 @@ endpoint = "http://127.0.0.1:1"
 "#;
 
 fn hlc_at(offset_ms: i64) -> u64 {
-    let now = SystemTime::now()
+    let now = StdTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("time")
         .as_millis() as i64;
@@ -153,4 +158,98 @@ async fn health_reports_serving() {
         .await
         .expect_err("unknown service");
     assert_eq!(unknown.code(), Code::NotFound);
+}
+
+/// Two nodes on pre-bound listeners, each configured with the other as a
+/// peer, A dialling through a connector that counts its dials. `b_replica`
+/// is B's real replica id; A always expects 2.
+async fn pair(
+    b_replica: u32,
+) -> (
+    common::Node,
+    Arc<AtomicUsize>,
+    tokio::sync::oneshot::Sender<()>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let b_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let a_addr = a_listener.local_addr().expect("addr");
+    let b_addr = b_listener.local_addr().expect("addr");
+    let b_config = Config::from_toml(&format!(
+        "region = \"eu-west\"\nreplica_id = {b_replica}\nlisten = \"{b_addr}\"\ndata_dir = {:?}\n\
+         [[peers]]\nregion = \"us-east\"\nreplica_id = 1\nendpoint = \"http://{a_addr}\"",
+        dir.path().join("b")
+    ))
+    .expect("config");
+    let b = Node::open(b_config, SystemTime).await.expect("open b");
+    let (stop_b, stopped_b) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(b.serve(
+        tokio_stream::wrappers::TcpListenerStream::new(b_listener),
+        Connector::tcp(),
+        async {
+            let _ = stopped_b.await;
+        },
+    ));
+
+    let dials = Arc::new(AtomicUsize::new(0));
+    let counted = dials.clone();
+    let connector = Connector::new(move |uri: tonic::codegen::http::Uri| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let addr = format!(
+            "{}:{}",
+            uri.host().unwrap_or_default(),
+            uri.port_u16().unwrap_or(80)
+        );
+        async move { tokio::net::TcpStream::connect(addr).await }
+    });
+    let a = common::serve_on(
+        a_listener,
+        &format!("[[peers]]\nregion = \"eu-west\"\nreplica_id = 2\nendpoint = \"http://{b_addr}\""),
+        connector,
+    )
+    .await;
+    (a, dials, stop_b, dir)
+}
+
+async fn wait_for_peer(
+    node: &common::Node,
+    done: impl Fn(&pb::PeerStatus) -> bool,
+) -> pb::PeerStatus {
+    for _ in 0..200 {
+        let status = peer_status(node).await;
+        if done(&status) {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "peer status never reached the expected state: {:?}",
+        peer_status(node).await
+    );
+}
+
+#[tokio::test]
+async fn a_node_links_to_its_peers_through_the_connector_it_is_given() {
+    let (a, dials, _stop_b, _dir) = pair(2).await;
+    let status = wait_for_peer(&a, |p| p.last_contact_unix_ms > 0).await;
+    assert_eq!(status.region, "eu-west");
+    assert!(!status.clock_refused);
+    assert_eq!(status.refused_unknown_peer, 0);
+    assert!(
+        dials.load(Ordering::SeqCst) >= 1,
+        "every dial goes through the connector"
+    );
+}
+
+#[tokio::test]
+async fn a_link_refuses_a_peer_that_is_not_who_the_configuration_says() {
+    // B answers as replica 3 where A expects replica 2.
+    let (a, _dials, _stop_b, _dir) = pair(3).await;
+    let status = wait_for_peer(&a, |p| p.refused_unknown_peer > 0).await;
+    assert!(!status.connected);
 }

@@ -22,22 +22,33 @@ pub async fn start() -> Node {
 /// A node of region us-east (replica 1); `extra` is appended to its
 /// configuration file.
 pub async fn start_with(extra: &str) -> Node {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    serve_on(listener, extra, concord_node::Connector::tcp()).await
+}
+
+/// A node of region us-east (replica 1) served on `listener`, dialling its
+/// peers through `connector`; `extra` is appended to its configuration.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    extra: &str,
+    connector: concord_node::Connector,
+) -> Node {
     let dir = tempfile::tempdir().expect("tempdir");
+    let addr = listener.local_addr().expect("addr");
     let config = Config::from_toml(&format!(
-        "region = \"us-east\"\nreplica_id = 1\nlisten = \"127.0.0.1:0\"\ndata_dir = {:?}\n{extra}",
+        "region = \"us-east\"\nreplica_id = 1\nlisten = \"{addr}\"\ndata_dir = {:?}\n{extra}",
         dir.path().join("data")
     ))
     .expect("config");
     let node = concord_node::Node::open(config, SystemTime)
         .await
         .expect("open");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(node.serve(
         tokio_stream::wrappers::TcpListenerStream::new(listener),
+        connector,
         async {
             let _ = rx.await;
         },

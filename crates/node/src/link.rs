@@ -1,0 +1,238 @@
+//! The node's outbound side: one long-lived link per configured peer,
+//! dialled through the caller's [`Connector`].
+//!
+//! A link connects, opens the peer's `Subscribe` stream with a `Hello`
+//! (this region, its replica id, its applied vector), and checks the
+//! answer: a `Welcome` from the region and replica id configured for that
+//! endpoint, in this protocol version, with a clock within `max_drift_ms`.
+//! It then reads the peer's frames, observing each frame's clock, until the
+//! stream ends; status shows the peer connected meanwhile. Any failure is
+//! retried after a backoff that doubles from [`BACKOFF_MIN`] to
+//! [`BACKOFF_MAX`] and starts over only after a session that lasted longer
+//! than [`BACKOFF_MAX`], so a peer that accepts and drops at once is not
+//! hammered. Applying the deltas a peer streams is the replicator's job,
+//! which builds on this link.
+
+use std::time::Duration;
+
+use concord_core::{CoreError, Hlc};
+use concord_proto::v1 as pb;
+use concord_proto::v1::replication_client::ReplicationClient;
+use concord_proto::PEER_PROTOCOL_VERSION;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use crate::connect::Connector;
+use crate::engine::Engine;
+use crate::peer::{Peers, Refusal};
+use crate::server::{KEEPALIVE, MAX_MESSAGE_BYTES};
+
+/// Longest wait for a TCP connection to a peer.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest wait for a peer's `Welcome` after the stream opens.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// First wait before reconnecting to a peer.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// Longest wait before reconnecting to a peer.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Frames queued towards one peer.
+pub const SUBSCRIBER_QUEUE_FRAMES: usize = 64;
+
+/// Starts one link per configured peer; they stop when `stop` turns true.
+pub(crate) fn spawn_links(
+    engine: &Engine,
+    peers: &Peers,
+    connector: &Connector,
+    stop: &watch::Receiver<bool>,
+) {
+    for i in 0..peers.len() {
+        let link = Link {
+            engine: engine.clone(),
+            peers: peers.clone(),
+            index: i,
+            connector: connector.clone(),
+        };
+        tokio::spawn(link.run(stop.clone()));
+    }
+}
+
+struct Link {
+    engine: Engine,
+    peers: Peers,
+    index: usize,
+    connector: Connector,
+}
+
+impl Link {
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let region = self.peers.config(self.index).region.clone();
+        let mut backoff = BACKOFF_MIN;
+        let mut last_failure: Option<String> = None;
+        loop {
+            let started = tokio::time::Instant::now();
+            let ended = tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => return,
+                ended = self.session() => ended,
+            };
+            self.peers.set_connected(self.index, false);
+            if started.elapsed() > BACKOFF_MAX {
+                backoff = BACKOFF_MIN;
+            }
+            let failure = match ended {
+                Ok(()) => "the peer ended the stream".to_string(),
+                Err(e) => e,
+            };
+            // Say it once; repeats of the same failure go to debug.
+            if last_failure.as_deref() != Some(failure.as_str()) {
+                tracing::warn!(peer = %region, failure = %failure, retry_ms = backoff.as_millis() as u64, "peer link down");
+            } else {
+                tracing::debug!(peer = %region, failure = %failure, "peer link still down");
+            }
+            last_failure = Some(failure);
+            tokio::select! {
+                _ = stop.wait_for(|stop| *stop) => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// One connection: handshake, then frames until the stream ends.
+    async fn session(&self) -> Result<(), String> {
+        let config = self.peers.config(self.index);
+        let endpoint = Endpoint::from_shared(config.endpoint.clone())
+            .map_err(|e| format!("endpoint {:?}: {e}", config.endpoint))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
+            .keep_alive_while_idle(true);
+        let channel = endpoint
+            .connect_with_connector(self.connector.clone())
+            .await
+            .map_err(|e| format!("cannot connect to {}: {}", config.endpoint, chain(&e)))?;
+        let mut client = ReplicationClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+        let store = self.engine.store();
+        let applied = store.version_vector().map_err(|e| e.to_string())?;
+        let hello = pb::SubscriberFrame {
+            sender_hlc: self
+                .engine
+                .clock()
+                .now()
+                .map_err(|e| e.to_string())?
+                .as_u64(),
+            body: Some(pb::subscriber_frame::Body::Hello(pb::Hello {
+                protocol_version: PEER_PROTOCOL_VERSION,
+                region: store.identity().region.clone(),
+                replica_id: store.identity().replica.0,
+                applied: Some((&applied).into()),
+                origins: Vec::new(),
+            })),
+        };
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE_FRAMES);
+        tx.send(hello)
+            .await
+            .map_err(|_| "the outbound queue closed".to_string())?;
+        let opened =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, client.subscribe(ReceiverStream::new(rx)))
+                .await
+                .map_err(|_| format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs()))?
+                .map_err(|s| {
+                    format!(
+                        "refused: {}: {}",
+                        concord_proto::code_name(s.code()),
+                        s.message()
+                    )
+                })?;
+        let mut frames = opened.into_inner();
+        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, frames.message())
+            .await
+            .map_err(|_| format!("no Welcome within {} s", HANDSHAKE_TIMEOUT.as_secs()))?
+            .map_err(|s| {
+                format!(
+                    "refused: {}: {}",
+                    concord_proto::code_name(s.code()),
+                    s.message()
+                )
+            })?
+            .ok_or("the stream ended before its Welcome")?;
+        self.observe(first.sender_hlc)?;
+        let Some(pb::provider_frame::Body::Welcome(welcome)) = first.body else {
+            self.peers.refused_by_index(self.index, Refusal::BadBatch);
+            return Err("the first frame was not a Welcome".into());
+        };
+        if welcome.region != config.region || welcome.replica_id != config.replica_id {
+            self.peers
+                .refused_by_index(self.index, Refusal::UnknownPeer);
+            return Err(format!(
+                "{} is region {:?} with replica id {}, not the configured {:?} with replica id {}",
+                config.endpoint,
+                welcome.region,
+                welcome.replica_id,
+                config.region,
+                config.replica_id
+            ));
+        }
+        if welcome.protocol_version != PEER_PROTOCOL_VERSION {
+            self.peers.refused_by_index(self.index, Refusal::BadBatch);
+            return Err(format!(
+                "the peer speaks protocol version {}, this node {PEER_PROTOCOL_VERSION}",
+                welcome.protocol_version
+            ));
+        }
+        self.peers.set_connected(self.index, true);
+        tracing::info!(peer = %config.region, "peer link up");
+        loop {
+            let frame = frames.message().await.map_err(|s| {
+                format!(
+                    "stream ended: {}: {}",
+                    concord_proto::code_name(s.code()),
+                    s.message()
+                )
+            })?;
+            let Some(frame) = frame else {
+                return Ok(());
+            };
+            self.observe(frame.sender_hlc)?;
+        }
+    }
+
+    /// Observes a peer frame's clock; refuses (and counts) one too far
+    /// ahead.
+    fn observe(&self, sender_hlc: u64) -> Result<(), String> {
+        let clock = self.engine.clock();
+        let remote = Hlc::from_u64(sender_hlc);
+        self.peers
+            .contact(self.index, remote, clock.physical_unix_ms());
+        match clock.observe(remote) {
+            Ok(_) => {
+                self.peers.clock_accepted(self.index);
+                Ok(())
+            }
+            Err(e @ CoreError::ClockDrift { .. }) => {
+                self.peers.refused_by_index(self.index, Refusal::ClockDrift);
+                Err(format!("refused the peer's clock: {e}"))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// An error and its sources, joined.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(source) = next {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        next = source.source();
+    }
+    text
+}
