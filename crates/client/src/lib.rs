@@ -194,7 +194,7 @@ impl Client {
                 }
                 Err(e) => {
                     tracing::debug!(endpoint = %url, error = %e, "endpoint unreachable");
-                    last = format!("{url}: {}", source_chain(&e));
+                    last = format!("{url}: {}", concord_proto::error_chain(&e));
                 }
             }
         }
@@ -360,19 +360,11 @@ impl Client {
 /// A status's message with the transport error behind it, if any.
 fn status_chain(status: &tonic::Status) -> String {
     match std::error::Error::source(status) {
-        Some(source) => format!("{} ({})", status.message(), source_chain(source)),
+        Some(source) => format!(
+            "{} ({})",
+            status.message(),
+            concord_proto::error_chain(source)
+        ),
         None => status.message().to_string(),
     }
-}
-
-/// An error and its sources, joined.
-fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(source) = next {
-        text.push_str(": ");
-        text.push_str(&source.to_string());
-        next = source.source();
-    }
-    text
 }

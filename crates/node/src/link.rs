@@ -114,7 +114,13 @@ impl Link {
         let channel = endpoint
             .connect_with_connector(self.connector.clone())
             .await
-            .map_err(|e| format!("cannot connect to {}: {}", config.endpoint, chain(&e)))?;
+            .map_err(|e| {
+                format!(
+                    "cannot connect to {}: {}",
+                    config.endpoint,
+                    concord_proto::error_chain(&e)
+                )
+            })?;
         let mut client = ReplicationClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -223,16 +229,4 @@ impl Link {
             Err(e) => Err(e.to_string()),
         }
     }
-}
-
-/// An error and its sources, joined.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut next = e.source();
-    while let Some(source) = next {
-        text.push_str(": ");
-        text.push_str(&source.to_string());
-        next = source.source();
-    }
-    text
 }

@@ -48,6 +48,19 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
+/// An error and its sources, joined with `: ` (transport errors hide the
+/// useful part, such as "Connection refused", in their sources).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(source) = next {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        next = source.source();
+    }
+    text
+}
+
 /// Version of the peer protocol spoken by this build (`Hello.protocol_version`).
 pub const PEER_PROTOCOL_VERSION: u32 = 1;
 
