@@ -73,11 +73,15 @@ impl Link {
         let region = self.peers.config(self.index).region.clone();
         let mut backoff = BACKOFF_MIN;
         let mut last_failure: Option<String> = None;
+        // Whether "link up" was logged since the last new failure: a peer
+        // that keeps failing the same way after the handshake is logged
+        // once, not every retry.
+        let mut announced = false;
         loop {
             let started = tokio::time::Instant::now();
             let ended = tokio::select! {
                 _ = stop.wait_for(|stop| *stop) => return,
-                ended = self.session() => ended,
+                ended = self.session(&mut announced) => ended,
             };
             self.peers.set_connected(self.index, false);
             if started.elapsed() > BACKOFF_MAX {
@@ -89,6 +93,7 @@ impl Link {
             };
             // Say it once; repeats of the same failure go to debug.
             if last_failure.as_deref() != Some(failure.as_str()) {
+                announced = false;
                 tracing::warn!(peer = %region, failure = %failure, retry_ms = backoff.as_millis() as u64, "peer link down");
             } else {
                 tracing::debug!(peer = %region, failure = %failure, "peer link still down");
@@ -103,7 +108,7 @@ impl Link {
     }
 
     /// One connection: handshake, then frames until the stream ends.
-    async fn session(&self) -> Result<(), String> {
+    async fn session(&self, announced: &mut bool) -> Result<(), String> {
         let config = self.peers.config(self.index);
         let endpoint = Endpoint::from_shared(config.endpoint.clone())
             .map_err(|e| format!("endpoint {:?}: {e}", config.endpoint))?
@@ -194,7 +199,10 @@ impl Link {
             ));
         }
         self.peers.set_connected(self.index, true);
-        tracing::info!(peer = %config.region, "peer link up");
+        if !*announced {
+            tracing::info!(peer = %config.region, "peer link up");
+            *announced = true;
+        }
         loop {
             let frame = frames.message().await.map_err(|s| {
                 format!(
