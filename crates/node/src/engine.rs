@@ -2,6 +2,7 @@
 //! keyspaces, turns operations into one atomic store batch, waits for
 //! durability, and shapes the results for the API.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use concord_core::catalog::KeyspaceView;
@@ -9,6 +10,7 @@ use concord_core::crdt::{StreamEntry, StreamId};
 use concord_core::{Clock, CrdtType, Value};
 use concord_proto::v1 as pb;
 use concord_store::{Item, ItemResult, Store};
+use tokio::sync::watch;
 
 use crate::command::{ClientOp, OpKind};
 use crate::error::{NodeError, Result};
@@ -20,16 +22,65 @@ pub struct Engine {
     store: Arc<Store>,
     clock: Arc<Clock>,
     subscriptions: Subscriptions,
+    /// Bumped after every durable local write and every remote apply, so
+    /// peers' tails wake up.
+    changes: Arc<watch::Sender<u64>>,
+    /// The highest own seq known durable: deltas of this region are
+    /// shipped to peers only up to it, so a crash can never leave peers
+    /// holding writes this region lost.
+    durable_own: Arc<AtomicU64>,
+    /// Turns true when the node starts shutting down.
+    stopping: Arc<watch::Sender<bool>>,
 }
 
 impl Engine {
     /// An engine over `store`, stamping writes with `clock`.
     pub fn new(store: Arc<Store>, clock: Arc<Clock>) -> Self {
+        // What the store holds after opening is on disk.
+        let durable_own = store.applied(store.identity().replica).unwrap_or(0);
         Engine {
             store,
             clock,
             subscriptions: Subscriptions::default(),
+            changes: Arc::new(watch::Sender::new(0)),
+            durable_own: Arc::new(AtomicU64::new(durable_own)),
+            stopping: Arc::new(watch::Sender::new(false)),
         }
+    }
+
+    /// A receiver that sees a change after every durable local write and
+    /// every remote apply.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Wakes everything waiting on [`Engine::changes`].
+    pub fn notify_changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The highest seq of this region's own log that is durable.
+    pub fn durable_own_seq(&self) -> u64 {
+        self.durable_own.load(Ordering::Acquire)
+    }
+
+    /// Records that own deltas up to `seq` are durable, and wakes peers.
+    fn own_durable(&self, seq: u64) {
+        if seq > 0 {
+            self.durable_own.fetch_max(seq, Ordering::AcqRel);
+            self.notify_changed();
+        }
+    }
+
+    /// Starts the shutdown: subscriptions and peer streams end.
+    pub fn begin_shutdown(&self) {
+        self.subscriptions.close();
+        self.stopping.send_replace(true);
+    }
+
+    /// A receiver that turns true when the node starts shutting down.
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.stopping.subscribe()
     }
 
     /// Where appended entries are published.
@@ -71,6 +122,7 @@ impl Engine {
             .blocking(move |store, clock| Ok(store.declare(clock, &name, ty)?))
             .await?;
         self.store.durable(&receipt).await?;
+        self.own_durable(receipt.last_seq);
         Ok((view, created))
     }
 
@@ -120,6 +172,7 @@ impl Engine {
             })
             .await?;
         self.store.durable(&receipt).await?;
+        self.own_durable(receipt.last_seq);
         for ((op, keyspace), result) in ops.iter().zip(keyspaces).zip(&receipt.results) {
             if let (OpKind::StreamAppend(fields), ItemResult::Written { seq, hlc, .. }) =
                 (&op.kind, result)

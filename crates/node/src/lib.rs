@@ -9,6 +9,7 @@
 //! - [`peer`]: the configured peers and the `concord.v1.Replication` service.
 //! - [`connect`]: how the node dials its peers ([`Connector`]).
 //! - [`link`]: the outbound link to each peer.
+//! - [`replicate`]: both ends of a replication stream.
 //! - [`subscribe`]: live stream subscriptions.
 //! - [`metrics`]: what the node records for Prometheus.
 //! - [`telemetry`]: log setup for binaries.
@@ -48,6 +49,7 @@ mod error;
 pub mod link;
 pub mod metrics;
 pub mod peer;
+pub mod replicate;
 mod server;
 pub mod service;
 pub mod subscribe;

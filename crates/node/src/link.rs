@@ -5,13 +5,14 @@
 //! (this region, its replica id, its applied vector), and checks the
 //! answer: a `Welcome` from the region and replica id configured for that
 //! endpoint, in this protocol version, with a clock within `max_drift_ms`.
-//! It then reads the peer's frames, observing each frame's clock, until the
-//! stream ends; status shows the peer connected meanwhile. Any failure is
+//! It then applies what the peer streams ([`crate::replicate::Applier`]),
+//! observing each frame's clock, acknowledging what it applied and sending
+//! heartbeats, until the stream ends; status shows the peer connected
+//! meanwhile. Any failure is
 //! retried after a backoff that doubles from [`BACKOFF_MIN`] to
 //! [`BACKOFF_MAX`] and starts over only after a session that lasted longer
 //! than [`BACKOFF_MAX`], so a peer that accepts and drops at once is not
-//! hammered. Applying the deltas a peer streams is the replicator's job,
-//! which builds on this link.
+//! hammered. A new session resumes from this node's applied vector.
 
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use tonic::transport::Endpoint;
 use crate::connect::Connector;
 use crate::engine::Engine;
 use crate::peer::{Peers, Refusal};
+use crate::replicate::{Applier, ApplyError, HEARTBEAT};
 use crate::server::{KEEPALIVE, MAX_MESSAGE_BYTES};
 
 /// Longest wait for a TCP connection to a peer.
@@ -203,18 +205,53 @@ impl Link {
             tracing::info!(peer = %config.region, "peer link up");
             *announced = true;
         }
+        let mut applier = Applier::new(self.engine.clone(), self.peers.clone(), self.index);
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let stream_failed = |s: tonic::Status| {
+            format!(
+                "stream ended: {}: {}",
+                concord_proto::code_name(s.code()),
+                s.message()
+            )
+        };
         loop {
-            let frame = frames.message().await.map_err(|s| {
-                format!(
-                    "stream ended: {}: {}",
-                    concord_proto::code_name(s.code()),
-                    s.message()
-                )
-            })?;
+            let frame = tokio::select! {
+                frame = frames.message() => frame.map_err(stream_failed)?,
+                _ = heartbeat.tick() => {
+                    let applied = store.version_vector().map_err(|e| e.to_string())?;
+                    let beat = pb::SubscriberFrame {
+                        sender_hlc: self.engine.clock().now().map_err(|e| e.to_string())?.as_u64(),
+                        body: Some(pb::subscriber_frame::Body::Heartbeat(pb::Heartbeat {
+                            applied: Some((&applied).into()),
+                            wall_unix_ms: u64::try_from(self.engine.clock().physical_unix_ms()).unwrap_or(0),
+                        })),
+                    };
+                    tx.send(beat).await.map_err(|_| "the outbound queue closed".to_string())?;
+                    continue;
+                }
+            };
             let Some(frame) = frame else {
                 return Ok(());
             };
             self.observe(frame.sender_hlc)?;
+            let ack = match applier.apply(frame).await {
+                Ok(ack) => ack,
+                Err(ApplyError::Refused(why)) => {
+                    return Err(format!("refused the peer's data: {why}"))
+                }
+                Err(ApplyError::Local(why)) => {
+                    return Err(format!("cannot apply the peer's data: {why}"))
+                }
+            };
+            if ack {
+                let ack = applier.ack().map_err(|e| match e {
+                    ApplyError::Refused(why) | ApplyError::Local(why) => why,
+                })?;
+                tx.send(ack)
+                    .await
+                    .map_err(|_| "the outbound queue closed".to_string())?;
+            }
         }
     }
 

@@ -7,9 +7,8 @@
 //! [`concord_proto::PEER_PROTOCOL_VERSION`], from a configured region with
 //! its configured replica id, with a clock no further ahead than
 //! `max_drift_ms`. A refused opening is counted per cause and ends the
-//! stream with a clear status. An accepted one is answered with `Welcome`.
-//! Streaming the deltas themselves is the replicator's job; until it is in
-//! place, the stream then ends with UNIMPLEMENTED.
+//! stream with a clear status. An accepted one is answered with `Welcome`,
+//! and [`crate::replicate::Provider`] streams the deltas.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,6 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::PeerConfig;
 use crate::engine::Engine;
 use crate::error::NodeError;
+use crate::replicate::{origins, Provider};
 
 /// Longest wait for a subscriber's `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -121,6 +121,47 @@ impl Peers {
     /// Records an accepted clock from peer `i`.
     pub(crate) fn clock_accepted(&self, i: usize) {
         lock(&self.peers[i].status).clock_refused = false;
+    }
+
+    /// Counts deltas and bytes sent to peer `i`.
+    pub(crate) fn sent(&self, i: usize, deltas: u64, bytes: u64) {
+        let mut status = lock(&self.peers[i].status);
+        status.deltas_sent += deltas;
+        status.bytes_sent += bytes;
+        metrics::counter!("concord_peer_deltas_sent_total", "peer" => self.peers[i].config.region.clone())
+            .increment(deltas);
+        metrics::counter!("concord_peer_bytes_sent_total", "peer" => self.peers[i].config.region.clone())
+            .increment(bytes);
+    }
+
+    /// Counts deltas applied and bytes received from peer `i`.
+    pub(crate) fn received(&self, i: usize, deltas: u64, bytes: u64) {
+        let mut status = lock(&self.peers[i].status);
+        status.deltas_received += deltas;
+        status.bytes_received += bytes;
+        metrics::counter!("concord_peer_deltas_received_total", "peer" => self.peers[i].config.region.clone())
+            .increment(deltas);
+        metrics::counter!("concord_peer_bytes_received_total", "peer" => self.peers[i].config.region.clone())
+            .increment(bytes);
+    }
+
+    /// Records how many deltas peer `i` has that this node lacks.
+    pub(crate) fn lag(&self, i: usize, ops: u64) {
+        lock(&self.peers[i].status).lag_ops = ops;
+        metrics::gauge!("concord_peer_lag_ops", "peer" => self.peers[i].config.region.clone())
+            .set(ops as f64);
+    }
+
+    /// The replica ids of every configured peer.
+    pub fn replica_ids(&self) -> Vec<u32> {
+        self.peers.iter().map(|p| p.config.replica_id).collect()
+    }
+
+    /// The index of the peer with replica id `replica`.
+    pub(crate) fn index_of(&self, replica: u32) -> Option<usize> {
+        self.peers
+            .iter()
+            .position(|p| p.config.replica_id == replica)
     }
 
     /// Counts a refusal of something peer `i` sent.
@@ -274,11 +315,20 @@ impl Replication for PeerService {
             })),
         };
         let (tx, rx) = mpsc::channel(PROVIDER_QUEUE_FRAMES);
-        // The queue is new and holds nothing else: these cannot block.
+        // The queue is new and empty: this cannot block.
         let _ = tx.try_send(Ok(welcome));
-        let _ = tx.try_send(Err(Status::unimplemented(
-            "this node does not stream deltas yet",
-        )));
+        let index = self
+            .peers
+            .index_of(hello.replica_id)
+            .ok_or_else(|| Status::internal("a checked peer has no index"))?;
+        let provider = Provider {
+            engine: self.engine.clone(),
+            peers: self.peers.clone(),
+            index,
+            sent: hello.applied.unwrap_or_default().into(),
+            origins: origins(&hello.origins),
+        };
+        tokio::spawn(provider.run(inbound, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -150,6 +150,11 @@ impl Node {
             wait_for(stopping.clone()),
         ));
         crate::link::spawn_links(&engine, &peers, &connector, &stopping);
+        let truncation = tokio::spawn(truncate_acked(
+            engine.clone(),
+            peers.clone(),
+            wait_for(stopping.clone()),
+        ));
         let graceful = {
             let engine = engine.clone();
             async move {
@@ -161,7 +166,7 @@ impl Node {
                 health
                     .set_not_serving::<ConcordServer<ClientService>>()
                     .await;
-                engine.subscriptions().close();
+                engine.begin_shutdown();
                 stopping_tx.send_replace(true);
             }
         };
@@ -187,6 +192,7 @@ impl Node {
             }
         };
         gauges.abort();
+        truncation.abort();
         let store = engine.store().clone();
         let flushed = tokio::task::spawn_blocking(move || store.flush())
             .await
@@ -194,6 +200,59 @@ impl Node {
         flushed?;
         tracing::info!("stopped; every write is flushed");
         served
+    }
+}
+
+/// How often logs are truncated below what every peer has acknowledged.
+pub const TRUNCATE_EVERY: Duration = Duration::from_secs(1);
+
+/// Truncates every origin's log below what all configured peers have
+/// acknowledged, every [`TRUNCATE_EVERY`], until `stop`. Nothing is
+/// truncated while some peer has never acknowledged (the per-log size cap
+/// protects the disk meanwhile), nor when no peer is configured.
+async fn truncate_acked(engine: Engine, peers: Peers, stop: impl Future<Output = ()>) {
+    if peers.is_empty() {
+        return;
+    }
+    let mut tick = tokio::time::interval(TRUNCATE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => return,
+            _ = tick.tick() => {}
+        }
+        let store = engine.store().clone();
+        let replicas = peers.replica_ids();
+        let done = tokio::task::spawn_blocking(move || {
+            let acks = store.peer_acks()?;
+            let mut below: Option<concord_core::VersionVector> = None;
+            for replica in replicas {
+                let Some(acked) = acks.get(&ReplicaId(replica)) else {
+                    return Ok(None);
+                };
+                below = Some(match below {
+                    None => acked.clone(),
+                    Some(b) => b.meet(acked),
+                });
+            }
+            match below {
+                Some(below) => store.truncate_logs(&below).map(Some),
+                None => Ok(None),
+            }
+        })
+        .await;
+        match done {
+            Ok(Ok(Some(report))) if report.entries > 0 => {
+                tracing::debug!(
+                    entries = report.entries,
+                    bytes = report.bytes,
+                    "truncated acknowledged deltas"
+                );
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "truncating the logs failed"),
+            _ => {}
+        }
     }
 }
 

@@ -138,6 +138,10 @@ pub struct WriteReceipt {
     pub results: Vec<ItemResult>,
     /// Commit number; pass the receipt to [`Store::durable`].
     commit: Option<u64>,
+    /// The highest seq of this region's log the write appended; 0 when it
+    /// appended nothing. Once [`Store::durable`] returns, every own delta up
+    /// to it is on disk.
+    pub last_seq: u64,
 }
 
 /// What applying a remote batch did.
@@ -440,6 +444,7 @@ impl Store {
             let receipt = WriteReceipt {
                 results: Vec::new(),
                 commit: None,
+                last_seq: 0,
             };
             return Ok((view, false, receipt));
         }
@@ -471,6 +476,7 @@ impl Store {
         let receipt = WriteReceipt {
             results: Vec::new(),
             commit: Some(self.group.committed()),
+            last_seq: seq,
         };
         let view = self
             .catalog()?
@@ -605,7 +611,11 @@ impl Store {
         }
         drop(w);
         self.after_trim(trimmed);
-        Ok(WriteReceipt { results, commit })
+        Ok(WriteReceipt {
+            results,
+            commit,
+            last_seq: if wrote { last_seq } else { 0 },
+        })
     }
 
     /// The committed stream rows a local batch may need inside its

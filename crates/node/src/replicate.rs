@@ -1,0 +1,580 @@
+//! Replication between regions, both ends of one `Subscribe` stream.
+//!
+//! - [`Provider`] (the callee) streams what the subscriber lacks: deltas in
+//!   per-origin order from its logs, or a state snapshot when the logs no
+//!   longer reach back far enough, then tails its logs live. It ships its
+//!   own region's deltas only once they are durable, so a crash can never
+//!   leave peers holding writes this region lost. The subscriber's acks
+//!   raise what the provider believes it has (a delta it got from another
+//!   peer is not sent again) and are stored for log truncation.
+//! - [`Applier`] (the caller's side, driven by [`crate::link`]) validates
+//!   and applies each batch atomically, exactly once per (origin, seq),
+//!   merges snapshots, and answers with acks.
+//!
+//! Every limit is explicit: [`BATCH_MAX_DELTAS`], [`BATCH_MAX_BYTES`],
+//! [`SNAPSHOT_CHUNK_BYTES`], and the queues of [`crate::peer`] and
+//! [`crate::link`].
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use concord_core::catalog::KeyspaceId;
+use concord_core::proto::{
+    crdt_type_from_proto, declaration_from_proto, declaration_to_proto, delta_from_proto,
+};
+use concord_core::{Hlc, ReplicaId, Value, VersionVector};
+use concord_proto::v1 as pb;
+use concord_store::snapshot::{Declaration, SnapshotChunk, SnapshotValue};
+use concord_store::StoreError;
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use crate::engine::Engine;
+use crate::error::NodeError;
+use crate::peer::{Peers, Refusal};
+
+/// Most deltas in one batch.
+pub const BATCH_MAX_DELTAS: usize = 1024;
+
+/// About the most bytes of encoded deltas in one batch (a single larger
+/// delta, up to the `max_delta_bytes` limit, travels alone).
+pub const BATCH_MAX_BYTES: usize = 1 << 20;
+
+/// About the most bytes of stored state in one snapshot chunk.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Interval of heartbeats on an idle stream, both ways.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+fn now_unix_ms(engine: &Engine) -> u64 {
+    u64::try_from(engine.clock().physical_unix_ms()).unwrap_or(0)
+}
+
+/// Runs blocking store work off the async workers.
+async fn blocking<T: Send + 'static>(
+    engine: &Engine,
+    f: impl FnOnce(&concord_store::Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, NodeError> {
+    let store = engine.store().clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| NodeError::Unavailable(format!("store task failed: {e}")))?
+        .map_err(NodeError::from)
+}
+
+/// The provider's side of one subscription.
+pub(crate) struct Provider {
+    pub(crate) engine: Engine,
+    pub(crate) peers: Peers,
+    /// Index of the subscriber among the configured peers.
+    pub(crate) index: usize,
+    /// What the subscriber has, as far as this provider knows.
+    pub(crate) sent: VersionVector,
+    /// Origins the subscriber wants; `None` for all.
+    pub(crate) origins: Option<BTreeSet<ReplicaId>>,
+}
+
+/// What the provider has to send next.
+enum Pending {
+    Nothing,
+    Deltas(Vec<concord_core::Delta>),
+    /// The subscriber is behind a log's truncation point.
+    Snapshot,
+}
+
+impl Provider {
+    fn frame(&self, body: pb::provider_frame::Body) -> Result<pb::ProviderFrame, Status> {
+        let hlc = self.engine.clock().now().map_err(NodeError::from)?;
+        Ok(pb::ProviderFrame {
+            sender_hlc: hlc.as_u64(),
+            body: Some(body),
+        })
+    }
+
+    /// Streams to `tx` until the subscriber leaves, the node stops, or
+    /// something fails (sent to the subscriber as the stream's status).
+    pub(crate) async fn run(
+        mut self,
+        mut inbound: Streaming<pb::SubscriberFrame>,
+        tx: mpsc::Sender<Result<pb::ProviderFrame, Status>>,
+    ) {
+        if let Err(status) = self.serve(&mut inbound, &tx).await {
+            let _ = tx.send(Err(status)).await;
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        inbound: &mut Streaming<pb::SubscriberFrame>,
+        tx: &mpsc::Sender<Result<pb::ProviderFrame, Status>>,
+    ) -> Result<(), Status> {
+        let mut changes = self.engine.changes();
+        let mut stopping = self.engine.stopping();
+        let mut heartbeat = tokio::time::interval(HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Mark what is there now as seen before reading it, so a change
+            // made while we read wakes the wait below.
+            changes.borrow_and_update();
+            match self.pending().await? {
+                Pending::Deltas(deltas) => {
+                    self.send_deltas(deltas, tx).await?;
+                    // Between batches, take in what the subscriber said
+                    // (acks shrink what is left to send) without waiting.
+                    tokio::select! {
+                        biased;
+                        frame = inbound.message() => {
+                            if !self.inbound(frame)? {
+                                return Ok(());
+                            }
+                        }
+                        () = std::future::ready(()) => {}
+                    }
+                    continue;
+                }
+                Pending::Snapshot => {
+                    self.send_snapshot(tx).await?;
+                    continue;
+                }
+                Pending::Nothing => {}
+            }
+            tokio::select! {
+                () = async { let _ = stopping.wait_for(|stopping| *stopping).await; } => {
+                    return Err(Status::unavailable("the node is shutting down"));
+                }
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+                frame = inbound.message() => {
+                    if !self.inbound(frame)? {
+                        return Ok(());
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let applied = self.engine.store().version_vector().map_err(NodeError::from)?;
+                    let beat = pb::Heartbeat {
+                        applied: Some((&applied).into()),
+                        wall_unix_ms: now_unix_ms(&self.engine),
+                    };
+                    tx.send(Ok(self.frame(pb::provider_frame::Body::Heartbeat(beat))?))
+                        .await
+                        .map_err(|_| Status::cancelled("the subscriber left"))?;
+                }
+            }
+        }
+    }
+
+    /// Handles one frame from the subscriber; false when it has left.
+    fn inbound(
+        &mut self,
+        frame: Result<Option<pb::SubscriberFrame>, Status>,
+    ) -> Result<bool, Status> {
+        let frame = match frame {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Ok(false),
+            Err(status) => {
+                tracing::debug!(status = %status, "subscriber stream failed");
+                return Ok(false);
+            }
+        };
+        let clock = self.engine.clock();
+        let remote = Hlc::from_u64(frame.sender_hlc);
+        self.peers
+            .contact(self.index, remote, clock.physical_unix_ms());
+        if let Err(e) = clock.observe(remote) {
+            self.peers.refused_by_index(self.index, Refusal::ClockDrift);
+            return Err(Status::failed_precondition(format!("refused: {e}")));
+        }
+        match frame.body {
+            Some(pb::subscriber_frame::Body::Ack(ack)) => {
+                let acked: VersionVector = ack.applied.unwrap_or_default().into();
+                self.sent.merge(&acked);
+                let peer = ReplicaId(self.peers.config(self.index).replica_id);
+                self.engine
+                    .store()
+                    .set_peer_ack(peer, &acked)
+                    .map_err(NodeError::from)?;
+            }
+            Some(pb::subscriber_frame::Body::Interest(interest)) => {
+                self.origins = origins(&interest.origins);
+            }
+            Some(pb::subscriber_frame::Body::Heartbeat(beat)) => {
+                let theirs: VersionVector = beat.applied.unwrap_or_default().into();
+                self.sent.merge(&theirs);
+            }
+            Some(pb::subscriber_frame::Body::Hello(_)) | None => {
+                self.peers.refused_by_index(self.index, Refusal::BadBatch);
+                return Err(Status::invalid_argument(
+                    "only the first frame may be a Hello, and every frame needs a body",
+                ));
+            }
+        }
+        Ok(true)
+    }
+
+    /// The next batch: deltas of every wanted origin the subscriber lacks,
+    /// own deltas only up to the durable point.
+    async fn pending(&self) -> Result<Pending, Status> {
+        let me = self.engine.store().identity().replica;
+        let durable_own = self.engine.durable_own_seq();
+        let ours = self
+            .engine
+            .store()
+            .version_vector()
+            .map_err(NodeError::from)?;
+        let wanted: Vec<(ReplicaId, u64, u64)> = ours
+            .iter()
+            .filter(|(origin, _)| self.origins.as_ref().is_none_or(|o| o.contains(origin)))
+            .map(|(origin, seq)| {
+                let upto = if origin == me {
+                    seq.min(durable_own)
+                } else {
+                    seq
+                };
+                (origin, self.sent.get(origin), upto)
+            })
+            .filter(|(_, sent, upto)| upto > sent)
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Pending::Nothing);
+        }
+        let read = blocking(&self.engine, move |store| {
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            for (origin, sent, upto) in wanted {
+                let room = BATCH_MAX_DELTAS - batch.len();
+                if room == 0 || bytes >= BATCH_MAX_BYTES {
+                    break;
+                }
+                let want = usize::try_from(upto - sent).unwrap_or(usize::MAX).min(room);
+                let deltas = store.log_from(origin, sent + 1, want, BATCH_MAX_BYTES - bytes)?;
+                bytes += deltas.iter().map(|d| d.encode().len()).sum::<usize>();
+                batch.extend(deltas.into_iter().filter(|d| d.seq <= upto));
+            }
+            Ok(batch)
+        })
+        .await;
+        match read {
+            Ok(batch) if batch.is_empty() => Ok(Pending::Nothing),
+            Ok(batch) => Ok(Pending::Deltas(batch)),
+            Err(NodeError::Store(StoreError::Truncated { .. })) => Ok(Pending::Snapshot),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn send_deltas(
+        &mut self,
+        deltas: Vec<concord_core::Delta>,
+        tx: &mpsc::Sender<Result<pb::ProviderFrame, Status>>,
+    ) -> Result<(), Status> {
+        for d in &deltas {
+            self.sent.advance(d.origin, d.seq);
+        }
+        let batch = pb::DeltaBatch {
+            deltas: deltas.iter().map(pb::Delta::from).collect(),
+        };
+        let frame = self.frame(pb::provider_frame::Body::Deltas(batch))?;
+        let bytes = prost::Message::encoded_len(&frame) as u64;
+        tx.send(Ok(frame))
+            .await
+            .map_err(|_| Status::cancelled("the subscriber left"))?;
+        self.peers.sent(self.index, deltas.len() as u64, bytes);
+        Ok(())
+    }
+
+    /// Sends the whole state, then raises `sent` to what it covers.
+    async fn send_snapshot(
+        &mut self,
+        tx: &mpsc::Sender<Result<pb::ProviderFrame, Status>>,
+    ) -> Result<(), Status> {
+        let region = &self.peers.config(self.index).region;
+        tracing::info!(peer = %region, "peer is behind the logs' truncation point: sending a snapshot");
+        let mut cursor = blocking(&self.engine, |store| store.export_snapshot()).await?;
+        let covers = cursor.covers().clone();
+        let begin = pb::SnapshotBegin {
+            covers: Some((&covers).into()),
+        };
+        let send = |frame: pb::ProviderFrame| async {
+            tx.send(Ok(frame))
+                .await
+                .map_err(|_| Status::cancelled("the subscriber left"))
+        };
+        send(self.frame(pb::provider_frame::Body::SnapshotBegin(begin))?).await?;
+        loop {
+            let (next, back) = blocking(&self.engine, move |store| {
+                let chunk = store.export_chunk(&mut cursor, SNAPSHOT_CHUNK_BYTES)?;
+                Ok((chunk, cursor))
+            })
+            .await?;
+            cursor = back;
+            let Some(chunk) = next else { break };
+            let frame = self.frame(pb::provider_frame::Body::SnapshotChunk(chunk_to_proto(
+                &chunk,
+            )))?;
+            let bytes = prost::Message::encoded_len(&frame) as u64;
+            send(frame).await?;
+            self.peers.sent(self.index, 0, bytes);
+        }
+        let end = pb::SnapshotEnd {
+            chunks: cursor.chunks(),
+        };
+        send(self.frame(pb::provider_frame::Body::SnapshotEnd(end))?).await?;
+        self.sent.merge(&covers);
+        Ok(())
+    }
+}
+
+/// The origins a subscriber asked for; `None` (all) when the list is empty.
+pub(crate) fn origins(list: &[u32]) -> Option<BTreeSet<ReplicaId>> {
+    (!list.is_empty()).then(|| list.iter().map(|&r| ReplicaId(r)).collect())
+}
+
+/// A snapshot chunk on the wire.
+pub(crate) fn chunk_to_proto(chunk: &SnapshotChunk) -> pb::SnapshotChunk {
+    pb::SnapshotChunk {
+        declarations: chunk
+            .declarations
+            .iter()
+            .map(|d| declaration_to_proto(&d.name, d.ty, d.marker))
+            .collect(),
+        values: chunk
+            .values
+            .iter()
+            .map(|v| pb::SnapshotValue {
+                keyspace: v.keyspace.name.clone(),
+                r#type: pb::CrdtType::from(v.keyspace.ty).into(),
+                key: v.key.clone(),
+                state: v.value.encode(),
+            })
+            .collect(),
+    }
+}
+
+/// A snapshot chunk from the wire, checked.
+pub(crate) fn chunk_from_proto(chunk: pb::SnapshotChunk) -> Result<SnapshotChunk, NodeError> {
+    let declarations = chunk
+        .declarations
+        .into_iter()
+        .map(|d| {
+            let (name, ty, marker) = declaration_from_proto(d)?;
+            Ok(Declaration { name, ty, marker })
+        })
+        .collect::<Result<_, NodeError>>()?;
+    let values = chunk
+        .values
+        .into_iter()
+        .map(|v| {
+            let ty = crdt_type_from_proto(v.r#type)?;
+            let value = Value::decode(&v.state)?;
+            if value.crdt_type() != ty {
+                return Err(NodeError::InvalidRequest(format!(
+                    "snapshot value of {:?}/{:?} is a {} but its keyspace is a {ty}",
+                    v.keyspace,
+                    v.key,
+                    value.crdt_type()
+                )));
+            }
+            Ok(SnapshotValue {
+                keyspace: KeyspaceId {
+                    name: v.keyspace,
+                    ty,
+                },
+                key: v.key,
+                value,
+            })
+        })
+        .collect::<Result<_, NodeError>>()?;
+    Ok(SnapshotChunk {
+        declarations,
+        values,
+    })
+}
+
+/// The subscriber's side of one subscription: applies what the provider
+/// sends.
+pub(crate) struct Applier {
+    pub(crate) engine: Engine,
+    pub(crate) peers: Peers,
+    pub(crate) index: usize,
+    /// The snapshot being received: what it covers and the chunks so far.
+    snapshot: Option<(VersionVector, u64)>,
+}
+
+/// Why applying a frame failed.
+pub(crate) enum ApplyError {
+    /// The peer sent something invalid; counted, and the stream restarts.
+    Refused(String),
+    /// This node could not apply it.
+    Local(String),
+}
+
+impl From<NodeError> for ApplyError {
+    fn from(e: NodeError) -> Self {
+        ApplyError::Local(e.to_string())
+    }
+}
+
+impl Applier {
+    pub(crate) fn new(engine: Engine, peers: Peers, index: usize) -> Self {
+        Applier {
+            engine,
+            peers,
+            index,
+            snapshot: None,
+        }
+    }
+
+    fn refuse(&self, why: Refusal, message: String) -> ApplyError {
+        self.peers.refused_by_index(self.index, why);
+        ApplyError::Refused(message)
+    }
+
+    /// An ack of everything applied here.
+    pub(crate) fn ack(&self) -> Result<pb::SubscriberFrame, ApplyError> {
+        let applied = self
+            .engine
+            .store()
+            .version_vector()
+            .map_err(NodeError::from)?;
+        Ok(pb::SubscriberFrame {
+            sender_hlc: self.engine.clock().now().map_err(NodeError::from)?.as_u64(),
+            body: Some(pb::subscriber_frame::Body::Ack(pb::Ack {
+                applied: Some((&applied).into()),
+            })),
+        })
+    }
+
+    /// Applies one frame (its clock already observed); returns whether to
+    /// acknowledge.
+    pub(crate) async fn apply(&mut self, frame: pb::ProviderFrame) -> Result<bool, ApplyError> {
+        let bytes = prost::Message::encoded_len(&frame) as u64;
+        match frame.body {
+            Some(pb::provider_frame::Body::Deltas(batch)) => {
+                if self.snapshot.is_some() {
+                    return Err(self.refuse(
+                        Refusal::BadBatch,
+                        "deltas in the middle of a snapshot".into(),
+                    ));
+                }
+                let limits = self.engine.store().limits().clone();
+                let count = batch.deltas.len();
+                if count > BATCH_MAX_DELTAS {
+                    return Err(self.refuse(
+                        Refusal::BadBatch,
+                        format!("a batch of {count} deltas; at most {BATCH_MAX_DELTAS}"),
+                    ));
+                }
+                let mut deltas = Vec::with_capacity(count);
+                let mut newest = Hlc::ZERO;
+                for d in batch.deltas {
+                    let d = delta_from_proto(d, &limits).map_err(|e| {
+                        self.refuse(Refusal::BadBatch, format!("undecodable delta: {e}"))
+                    })?;
+                    newest = newest.max(d.hlc);
+                    deltas.push(d);
+                }
+                let clock = self.engine.clock();
+                clock.observe(newest).map_err(|e| {
+                    self.refuse(Refusal::ClockDrift, format!("a delta's clock: {e}"))
+                })?;
+                let hwm = clock.last();
+                let applied =
+                    blocking(&self.engine, move |store| store.apply_remote(&deltas, hwm)).await;
+                let report = match applied {
+                    Ok(report) => report,
+                    Err(NodeError::Store(
+                        e @ (StoreError::Gap { .. }
+                        | StoreError::OwnDeltaAhead { .. }
+                        | StoreError::Core(_)),
+                    )) => {
+                        return Err(self.refuse(Refusal::BadBatch, format!("batch refused: {e}")));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                self.engine
+                    .store()
+                    .durable_apply(&report)
+                    .await
+                    .map_err(NodeError::from)?;
+                self.peers
+                    .received(self.index, report.applied as u64, bytes);
+                if report.applied > 0 {
+                    self.engine.notify_changed();
+                }
+                Ok(true)
+            }
+            Some(pb::provider_frame::Body::SnapshotBegin(begin)) => {
+                let covers: VersionVector = begin.covers.unwrap_or_default().into();
+                self.snapshot = Some((covers, 0));
+                Ok(false)
+            }
+            Some(pb::provider_frame::Body::SnapshotChunk(chunk)) => {
+                let Some((_, chunks)) = self.snapshot.as_mut() else {
+                    return Err(self.refuse(
+                        Refusal::BadBatch,
+                        "a snapshot chunk outside a snapshot".into(),
+                    ));
+                };
+                *chunks += 1;
+                let chunk = chunk_from_proto(chunk).map_err(|e| {
+                    self.refuse(Refusal::BadBatch, format!("bad snapshot chunk: {e}"))
+                })?;
+                let imported =
+                    blocking(&self.engine, move |store| store.import_chunk(&chunk)).await;
+                match imported {
+                    Ok(_) => {}
+                    Err(NodeError::Store(e @ StoreError::Core(_))) => {
+                        return Err(
+                            self.refuse(Refusal::BadBatch, format!("snapshot chunk refused: {e}"))
+                        );
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                self.peers.received(self.index, 0, bytes);
+                Ok(false)
+            }
+            Some(pb::provider_frame::Body::SnapshotEnd(end)) => {
+                let Some((covers, chunks)) = self.snapshot.take() else {
+                    return Err(self.refuse(
+                        Refusal::BadBatch,
+                        "a snapshot end outside a snapshot".into(),
+                    ));
+                };
+                if chunks != end.chunks {
+                    return Err(self.refuse(
+                        Refusal::BadBatch,
+                        format!(
+                            "the snapshot announced {} chunks; {chunks} arrived",
+                            end.chunks
+                        ),
+                    ));
+                }
+                let hwm = self.engine.clock().last();
+                blocking(&self.engine, move |store| {
+                    store.finish_import(&covers, hwm)?;
+                    store.flush()
+                })
+                .await?;
+                tracing::info!(peer = %self.peers.config(self.index).region, chunks, "snapshot applied");
+                self.engine.notify_changed();
+                Ok(true)
+            }
+            Some(pb::provider_frame::Body::Heartbeat(beat)) => {
+                let theirs: VersionVector = beat.applied.unwrap_or_default().into();
+                let ours = self
+                    .engine
+                    .store()
+                    .version_vector()
+                    .map_err(NodeError::from)?;
+                self.peers.lag(self.index, ours.missing_from(&theirs));
+                Ok(false)
+            }
+            Some(pb::provider_frame::Body::Welcome(_)) | None => Err(self.refuse(
+                Refusal::BadBatch,
+                "only the first frame may be a Welcome, and every frame needs a body".into(),
+            )),
+        }
+    }
+}
