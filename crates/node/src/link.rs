@@ -5,7 +5,7 @@
 //! (this region, its replica id, its applied vector), and checks the
 //! answer: a `Welcome` from the region and replica id configured for that
 //! endpoint, in this protocol version, with a clock within `max_drift_ms`.
-//! It then applies what the peer streams ([`crate::replicate::Applier`]),
+//! It then applies what the peer streams (`replicate::Applier`),
 //! observing each frame's clock, acknowledging what it applied and sending
 //! heartbeats, until the stream ends; status shows the peer connected
 //! meanwhile. Any failure is

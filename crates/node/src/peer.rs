@@ -8,7 +8,7 @@
 //! its configured replica id, with a clock no further ahead than
 //! `max_drift_ms`. A refused opening is counted per cause and ends the
 //! stream with a clear status. An accepted one is answered with `Welcome`,
-//! and [`crate::replicate::Provider`] streams the deltas.
+//! and `replicate::Provider` streams the deltas.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -1,13 +1,13 @@
 //! Replication between regions, both ends of one `Subscribe` stream.
 //!
-//! - [`Provider`] (the callee) streams what the subscriber lacks: deltas in
+//! - `Provider` (the callee) streams what the subscriber lacks: deltas in
 //!   per-origin order from its logs, or a state snapshot when the logs no
 //!   longer reach back far enough, then tails its logs live. It ships its
 //!   own region's deltas only once they are durable, so a crash can never
 //!   leave peers holding writes this region lost. The subscriber's acks
 //!   raise what the provider believes it has (a delta it got from another
 //!   peer is not sent again) and are stored for log truncation.
-//! - [`Applier`] (the caller's side, driven by [`crate::link`]) validates
+//! - `Applier` (the caller's side, driven by [`crate::link`]) validates
 //!   and applies each batch atomically, exactly once per (origin, seq),
 //!   merges snapshots, and answers with acks.
 //!
