@@ -27,7 +27,7 @@ use tonic::transport::Endpoint;
 use crate::connect::Connector;
 use crate::engine::Engine;
 use crate::peer::{Peers, Refusal};
-use crate::replicate::{Applier, ApplyError, HEARTBEAT};
+use crate::replicate::{Applier, ApplyError, HEARTBEAT, SILENCE_TIMEOUT};
 use crate::server::{KEEPALIVE, MAX_MESSAGE_BYTES};
 
 /// Longest wait for a TCP connection to a peer.
@@ -215,9 +215,21 @@ impl Link {
                 s.message()
             )
         };
+        let mut last_frame = tokio::time::Instant::now();
         loop {
+            let silent_until = last_frame + SILENCE_TIMEOUT;
             let frame = tokio::select! {
-                frame = frames.message() => frame.map_err(stream_failed)?,
+                frame = frames.message() => {
+                    last_frame = tokio::time::Instant::now();
+                    frame.map_err(stream_failed)?
+                }
+                () = tokio::time::sleep_until(silent_until) => {
+                    return Err(format!(
+                        "nothing from the peer for {} s (heartbeats are every {} s)",
+                        SILENCE_TIMEOUT.as_secs(),
+                        HEARTBEAT.as_secs()
+                    ));
+                }
                 _ = heartbeat.tick() => {
                     let applied = store.version_vector().map_err(|e| e.to_string())?;
                     let beat = pb::SubscriberFrame {

@@ -46,6 +46,16 @@ pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// Interval of heartbeats on an idle stream, both ways.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
+/// Longest time without any frame from the other end (which heartbeats
+/// every second) before a stream is given up and, on the subscriber's
+/// side, reconnected: a frozen peer or a wedged connection is noticed this
+/// fast, not after TCP's or HTTP/2's much longer timeouts.
+pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest wait for room in the queue towards a subscriber; a subscriber
+/// that takes longer to drain it is given up.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn now_unix_ms(engine: &Engine) -> u64 {
     u64::try_from(engine.clock().physical_unix_ms()).unwrap_or(0)
 }
@@ -112,6 +122,7 @@ impl Provider {
         let mut stopping = self.engine.stopping();
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_inbound = tokio::time::Instant::now();
         loop {
             // Mark what is there now as seen before reading it, so a change
             // made while we read wakes the wait below.
@@ -124,6 +135,7 @@ impl Provider {
                     tokio::select! {
                         biased;
                         frame = inbound.message() => {
+                            last_inbound = tokio::time::Instant::now();
                             if !self.inbound(frame)? {
                                 return Ok(());
                             }
@@ -148,9 +160,16 @@ impl Provider {
                     }
                 }
                 frame = inbound.message() => {
+                    last_inbound = tokio::time::Instant::now();
                     if !self.inbound(frame)? {
                         return Ok(());
                     }
+                }
+                () = tokio::time::sleep_until(last_inbound + SILENCE_TIMEOUT) => {
+                    return Err(Status::unavailable(format!(
+                        "nothing from the subscriber for {} s",
+                        SILENCE_TIMEOUT.as_secs()
+                    )));
                 }
                 _ = heartbeat.tick() => {
                     let applied = self.engine.store().version_vector().map_err(NodeError::from)?;
@@ -158,9 +177,7 @@ impl Provider {
                         applied: Some((&applied).into()),
                         wall_unix_ms: now_unix_ms(&self.engine),
                     };
-                    tx.send(Ok(self.frame(pb::provider_frame::Body::Heartbeat(beat))?))
-                        .await
-                        .map_err(|_| Status::cancelled("the subscriber left"))?;
+                    send(tx, self.frame(pb::provider_frame::Body::Heartbeat(beat))?).await?;
                 }
             }
         }
@@ -277,9 +294,7 @@ impl Provider {
         };
         let frame = self.frame(pb::provider_frame::Body::Deltas(batch))?;
         let bytes = prost::Message::encoded_len(&frame) as u64;
-        tx.send(Ok(frame))
-            .await
-            .map_err(|_| Status::cancelled("the subscriber left"))?;
+        send(tx, frame).await?;
         self.peers.sent(self.index, deltas.len() as u64, bytes);
         Ok(())
     }
@@ -296,12 +311,11 @@ impl Provider {
         let begin = pb::SnapshotBegin {
             covers: Some((&covers).into()),
         };
-        let send = |frame: pb::ProviderFrame| async {
-            tx.send(Ok(frame))
-                .await
-                .map_err(|_| Status::cancelled("the subscriber left"))
-        };
-        send(self.frame(pb::provider_frame::Body::SnapshotBegin(begin))?).await?;
+        send(
+            tx,
+            self.frame(pb::provider_frame::Body::SnapshotBegin(begin))?,
+        )
+        .await?;
         loop {
             let (next, back) = blocking(&self.engine, move |store| {
                 let chunk = store.export_chunk(&mut cursor, SNAPSHOT_CHUNK_BYTES)?;
@@ -314,15 +328,31 @@ impl Provider {
                 &chunk,
             )))?;
             let bytes = prost::Message::encoded_len(&frame) as u64;
-            send(frame).await?;
+            send(tx, frame).await?;
             self.peers.sent(self.index, 0, bytes);
         }
         let end = pb::SnapshotEnd {
             chunks: cursor.chunks(),
         };
-        send(self.frame(pb::provider_frame::Body::SnapshotEnd(end))?).await?;
+        send(tx, self.frame(pb::provider_frame::Body::SnapshotEnd(end))?).await?;
         self.sent.merge(&covers);
         Ok(())
+    }
+}
+
+/// Queues a frame towards the subscriber, waiting at most [`SEND_TIMEOUT`]
+/// for room.
+async fn send(
+    tx: &mpsc::Sender<Result<pb::ProviderFrame, Status>>,
+    frame: pb::ProviderFrame,
+) -> Result<(), Status> {
+    match tokio::time::timeout(SEND_TIMEOUT, tx.send(Ok(frame))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Status::cancelled("the subscriber left")),
+        Err(_) => Err(Status::unavailable(format!(
+            "the subscriber read nothing for {} s",
+            SEND_TIMEOUT.as_secs()
+        ))),
     }
 }
 
