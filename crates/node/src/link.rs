@@ -14,6 +14,7 @@
 //! than [`BACKOFF_MAX`], so a peer that accepts and drops at once is not
 //! hammered. A new session resumes from this node's applied vector.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use concord_core::{CoreError, Hlc};
@@ -149,6 +150,18 @@ impl Link {
                 origins: Vec::new(),
             })),
         };
+        let mut known: BTreeSet<u32> = applied.iter().map(|(origin, _)| origin.0).collect();
+        let mut interest = self.interest(&known);
+        let hello = match hello.body {
+            Some(pb::subscriber_frame::Body::Hello(h)) => pb::SubscriberFrame {
+                body: Some(pb::subscriber_frame::Body::Hello(pb::Hello {
+                    origins: interest.clone(),
+                    ..h
+                })),
+                ..hello
+            },
+            _ => hello,
+        };
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE_FRAMES);
         tx.send(hello)
             .await
@@ -216,13 +229,40 @@ impl Link {
             )
         };
         let mut last_frame = tokio::time::Instant::now();
+        let mut reachability = self.peers.reachability();
+        let mut last_acked = concord_core::VersionVector::new();
+        if let Some(theirs) = &welcome.applied {
+            known.extend(theirs.seqs.keys());
+        }
         loop {
+            // Ask this peer for its own deltas and for those of every
+            // origin this node does not reach directly right now.
+            let wanted = self.interest(&known);
+            if wanted != interest {
+                tracing::debug!(peer = %config.region, origins = ?wanted, "interest changed");
+                let frame = pb::SubscriberFrame {
+                    sender_hlc: self
+                        .engine
+                        .clock()
+                        .now()
+                        .map_err(|e| e.to_string())?
+                        .as_u64(),
+                    body: Some(pb::subscriber_frame::Body::Interest(pb::Interest {
+                        origins: wanted.clone(),
+                    })),
+                };
+                tx.send(frame)
+                    .await
+                    .map_err(|_| "the outbound queue closed".to_string())?;
+                interest = wanted;
+            }
             let silent_until = last_frame + SILENCE_TIMEOUT;
             let frame = tokio::select! {
                 frame = frames.message() => {
                     last_frame = tokio::time::Instant::now();
                     frame.map_err(stream_failed)?
                 }
+                _ = reachability.changed() => continue,
                 () = tokio::time::sleep_until(silent_until) => {
                     return Err(format!(
                         "nothing from the peer for {} s (heartbeats are every {} s)",
@@ -231,15 +271,27 @@ impl Link {
                     ));
                 }
                 _ = heartbeat.tick() => {
+                    // Deltas arriving over other links change the vector
+                    // too; this provider learns of them only from here, and
+                    // needs them acknowledged to truncate its logs.
                     let applied = store.version_vector().map_err(|e| e.to_string())?;
-                    let beat = pb::SubscriberFrame {
-                        sender_hlc: self.engine.clock().now().map_err(|e| e.to_string())?.as_u64(),
-                        body: Some(pb::subscriber_frame::Body::Heartbeat(pb::Heartbeat {
+                    let body = if applied != last_acked {
+                        store.sync().await.map_err(|e| e.to_string())?;
+                        last_acked = applied.clone();
+                        pb::subscriber_frame::Body::Ack(pb::Ack {
+                            applied: Some((&applied).into()),
+                        })
+                    } else {
+                        pb::subscriber_frame::Body::Heartbeat(pb::Heartbeat {
                             applied: Some((&applied).into()),
                             wall_unix_ms: u64::try_from(self.engine.clock().physical_unix_ms()).unwrap_or(0),
-                        })),
+                        })
                     };
-                    tx.send(beat).await.map_err(|_| "the outbound queue closed".to_string())?;
+                    let frame = pb::SubscriberFrame {
+                        sender_hlc: self.engine.clock().now().map_err(|e| e.to_string())?.as_u64(),
+                        body: Some(body),
+                    };
+                    tx.send(frame).await.map_err(|_| "the outbound queue closed".to_string())?;
                     continue;
                 }
             };
@@ -247,6 +299,11 @@ impl Link {
                 return Ok(());
             };
             self.observe(frame.sender_hlc)?;
+            if let Some(pb::provider_frame::Body::Heartbeat(beat)) = &frame.body {
+                if let Some(theirs) = &beat.applied {
+                    known.extend(theirs.seqs.keys());
+                }
+            }
             let ack = match applier.apply(frame).await {
                 Ok(ack) => ack,
                 Err(ApplyError::Refused(why)) => {
@@ -265,6 +322,20 @@ impl Link {
                     .map_err(|_| "the outbound queue closed".to_string())?;
             }
         }
+    }
+
+    /// The origins to ask this link's peer for: every origin known here
+    /// (from the vectors seen and the configuration), except this node's
+    /// own and those of other peers reached directly, plus the peer's own.
+    /// Never empty, since empty would mean every origin.
+    fn interest(&self, known: &BTreeSet<u32>) -> Vec<u32> {
+        let me = self.engine.store().identity().replica.0;
+        let direct = self.peers.reached_directly(self.index);
+        let mut origins: BTreeSet<u32> = known.clone();
+        origins.extend(self.peers.replica_ids());
+        origins.retain(|o| *o != me && !direct.contains(o));
+        origins.insert(self.peers.config(self.index).replica_id);
+        origins.into_iter().collect()
     }
 
     /// Observes a peer frame's clock; refuses (and counts) one too far

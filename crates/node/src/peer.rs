@@ -37,6 +37,8 @@ pub const PROVIDER_QUEUE_FRAMES: usize = 64;
 pub struct Peers {
     peers: Arc<Vec<Peer>>,
     unknown_refused: Arc<std::sync::atomic::AtomicU64>,
+    /// Bumped whenever a peer link goes up or down.
+    reachability: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 #[derive(Debug)]
@@ -85,6 +87,7 @@ impl Peers {
         Peers {
             peers: Arc::new(peers),
             unknown_refused: Arc::default(),
+            reachability: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
     }
 
@@ -115,7 +118,31 @@ impl Peers {
 
     /// Records whether a replication stream with peer `i` is open.
     pub(crate) fn set_connected(&self, i: usize, connected: bool) {
-        lock(&self.peers[i].status).connected = connected;
+        let changed = {
+            let mut status = lock(&self.peers[i].status);
+            let changed = status.connected != connected;
+            status.connected = connected;
+            changed
+        };
+        if changed {
+            self.reachability.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// A receiver that sees a change whenever a peer link goes up or down.
+    pub(crate) fn reachability(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reachability.subscribe()
+    }
+
+    /// Replica ids of the peers, other than peer `except`, whose links are
+    /// up: their deltas arrive from them directly.
+    pub(crate) fn reached_directly(&self, except: usize) -> Vec<u32> {
+        self.peers
+            .iter()
+            .enumerate()
+            .filter(|(j, p)| *j != except && lock(&p.status).connected)
+            .map(|(_, p)| p.config.replica_id)
+            .collect()
     }
 
     /// Records an accepted clock from peer `i`.

@@ -32,6 +32,18 @@ async fn start(
     dir: &std::path::Path,
     extra: &str,
 ) -> Vec<Region> {
+    start_with(which, listeners, addrs, dir, extra, &|_| Connector::tcp()).await
+}
+
+/// [`start`] with region `i` dialling through `connector(i)`.
+async fn start_with(
+    which: &[usize],
+    listeners: &mut [Option<tokio::net::TcpListener>],
+    addrs: &[std::net::SocketAddr],
+    dir: &std::path::Path,
+    extra: &str,
+    connector: &dyn Fn(usize) -> Connector,
+) -> Vec<Region> {
     let mut out = Vec::new();
     for &i in which {
         let peers: String = (0..addrs.len())
@@ -59,7 +71,7 @@ async fn start(
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(node.serve(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
-            Connector::tcp(),
+            connector(i),
             async {
                 let _ = rx.await;
             },
@@ -361,4 +373,121 @@ async fn a_region_behind_the_truncated_logs_catches_up_by_snapshot() {
         )
         .expect("range");
     assert_eq!(entries.len(), ids.len());
+}
+
+/// Dials TCP except to the ports in `cut`, which refuse.
+fn cut_off(cut: Vec<u16>) -> Connector {
+    Connector::new(move |uri: tonic::codegen::http::Uri| {
+        let port = uri.port_u16().unwrap_or(80);
+        let refused = cut.contains(&port);
+        let addr = format!("{}:{port}", uri.host().unwrap_or_default());
+        async move {
+            if refused {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    "cut off by the test",
+                ));
+            }
+            tokio::net::TcpStream::connect(addr).await
+        }
+    })
+}
+
+async fn peer_status(c: &ConcordClient<Channel>) -> Vec<pb::PeerStatus> {
+    c.clone()
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+        .peers
+}
+
+/// Waits until every region's links to `expected` peers are up.
+async fn linked(regions: &[Region], expected: usize) {
+    for _ in 0..200 {
+        let mut all = true;
+        for r in regions {
+            let up = peer_status(&r.client)
+                .await
+                .iter()
+                .filter(|p| p.connected)
+                .count();
+            all &= up == expected;
+        }
+        if all {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the links did not all come up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_link_up_each_delta_crosses_to_each_region_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut ls, addrs) = listeners(3).await;
+    let regions = start(&[0, 1, 2], &mut ls, &addrs, dir.path(), "").await;
+    linked(&regions, 2).await;
+    // Interest frames follow the links coming up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for r in &regions {
+        create_all(&mut r.client.clone()).await;
+    }
+    let writers: Vec<_> = regions
+        .iter()
+        .enumerate()
+        .map(|(i, r)| tokio::spawn(write(r.client.clone(), i, 20)))
+        .collect();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    let vv = converged(&regions).await;
+    // Each region received from each peer exactly that peer's own deltas:
+    // nothing was forwarded a second time.
+    for r in &regions {
+        for p in peer_status(&r.client).await {
+            assert_eq!(
+                p.deltas_received,
+                vv.get(ReplicaId(p.replica_id)),
+                "from {}: {p:?}",
+                p.region
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_cross_a_partial_partition_through_the_region_in_between() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut ls, addrs) = listeners(3).await;
+    // us-east and ap-south cannot reach each other; eu-west reaches both.
+    let (a, c) = (addrs[0].port(), addrs[2].port());
+    let regions = start_with(&[0, 1, 2], &mut ls, &addrs, dir.path(), "", &|i| match i {
+        0 => cut_off(vec![c]),
+        2 => cut_off(vec![a]),
+        _ => Connector::tcp(),
+    })
+    .await;
+    for r in &regions {
+        create_all(&mut r.client.clone()).await;
+    }
+    let writers: Vec<_> = regions
+        .iter()
+        .enumerate()
+        .map(|(i, r)| tokio::spawn(write(r.client.clone(), i, 20)))
+        .collect();
+    for w in writers {
+        w.await.expect("writer");
+    }
+    converged(&regions).await;
+    let dumps: Vec<Vec<String>> = regions.iter().map(|r| dump(&r.store)).collect();
+    assert_eq!(dumps[0], dumps[2]);
+    assert_eq!(dumps[0], dumps[1]);
+    let a_peers = peer_status(&regions[0].client).await;
+    let to_c = a_peers
+        .iter()
+        .find(|p| p.region == "ap-south")
+        .expect("ap-south");
+    assert!(!to_c.connected);
+    assert_eq!(to_c.deltas_received, 0, "nothing came over the cut link");
 }

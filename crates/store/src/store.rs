@@ -407,6 +407,13 @@ impl Store {
         self.wait_commit(receipt.commit).await
     }
 
+    /// Waits until everything committed so far is durable (in `group`
+    /// mode): afterwards the version vector read before the call may be
+    /// acknowledged upstream.
+    pub async fn sync(&self) -> Result<()> {
+        self.wait_commit(Some(self.group.committed())).await
+    }
+
     /// Waits until an applied remote batch is durable (in `group` mode), so
     /// it can be acknowledged upstream.
     pub async fn durable_apply(&self, report: &ApplyReport) -> Result<()> {
