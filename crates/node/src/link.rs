@@ -260,7 +260,14 @@ impl Link {
             let frame = tokio::select! {
                 frame = frames.message() => {
                     last_frame = tokio::time::Instant::now();
-                    frame.map_err(stream_failed)?
+                    frame.map_err(|s| {
+                        // tonic's decoder refuses a frame over the message
+                        // limit before we see it: the peer's fault.
+                        if s.code() == tonic::Code::OutOfRange && s.message().contains("too large") {
+                            self.peers.refused_by_index(self.index, Refusal::BadBatch);
+                        }
+                        stream_failed(s)
+                    })?
                 }
                 _ = reachability.changed() => continue,
                 () = tokio::time::sleep_until(silent_until) => {

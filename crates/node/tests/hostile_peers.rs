@@ -1,0 +1,194 @@
+//! A node's link facing a broken or hostile peer: a fake provider answers
+//! the handshake correctly, then sends one bad thing. Each is refused with
+//! a clear cause on the peer's status, nothing of it is applied, and the
+//! node keeps serving its clients.
+
+use std::time::{Duration, SystemTime as StdTime, UNIX_EPOCH};
+
+use concord_core::Hlc;
+use concord_proto::v1 as pb;
+use concord_proto::v1::replication_server::{Replication, ReplicationServer};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+mod common;
+
+fn hlc_at(offset_ms: i64) -> u64 {
+    let now = StdTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("time")
+        .as_millis() as i64;
+    Hlc::from_parts(now + offset_ms, 0).expect("hlc").as_u64()
+}
+
+/// Answers every subscription with a Welcome as eu-west (replica 2), then
+/// `frames`, then keeps the stream open.
+struct Fake {
+    frames: Vec<pb::ProviderFrame>,
+}
+
+#[tonic::async_trait]
+impl Replication for Fake {
+    type SubscribeStream = ReceiverStream<Result<pb::ProviderFrame, Status>>;
+
+    async fn subscribe(
+        &self,
+        _request: Request<Streaming<pb::SubscriberFrame>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let welcome = pb::ProviderFrame {
+            sender_hlc: hlc_at(0),
+            body: Some(pb::provider_frame::Body::Welcome(pb::Welcome {
+                protocol_version: concord_proto::PEER_PROTOCOL_VERSION,
+                region: "eu-west".into(),
+                replica_id: 2,
+                applied: None,
+            })),
+        };
+        let frames = self.frames.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(welcome)).await;
+            for f in frames {
+                let _ = tx.send(Ok(f)).await;
+            }
+            // Hold the stream open; the node ends it.
+            tx.closed().await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+fn declare(seq: u64, name: &str) -> pb::Delta {
+    pb::Delta {
+        origin: 2,
+        seq,
+        hlc: hlc_at(0),
+        keyspace: name.into(),
+        key: String::new(),
+        op: Some(pb::Op {
+            kind: Some(pb::op::Kind::DeclareKeyspace(pb::DeclareKeyspaceOp {
+                r#type: pb::CrdtType::Counter.into(),
+            })),
+        }),
+    }
+}
+
+fn batch(sender_hlc: u64, deltas: Vec<pb::Delta>) -> pb::ProviderFrame {
+    pb::ProviderFrame {
+        sender_hlc,
+        body: Some(pb::provider_frame::Body::Deltas(pb::DeltaBatch { deltas })),
+    }
+}
+
+/// Runs a node whose one peer is the fake, and waits until `refused`
+/// says the fake's data was refused; returns the peer's status and what
+/// the node applied from origin 2.
+async fn against(
+    frames: Vec<pb::ProviderFrame>,
+    refused: impl Fn(&pb::PeerStatus) -> bool,
+) -> (pb::PeerStatus, u64, u64) {
+    let fake = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let fake_addr = fake.local_addr().expect("addr");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                ReplicationServer::new(Fake { frames }).max_encoding_message_size(64 << 20),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(fake)),
+    );
+    let node = common::start_with(&format!(
+        "max_drift_ms = 500\n[[peers]]\nregion = \"eu-west\"\nreplica_id = 2\nendpoint = \"http://{fake_addr}\""
+    ))
+    .await;
+    for _ in 0..200 {
+        let status = node
+            .client
+            .clone()
+            .status(pb::StatusRequest {})
+            .await
+            .expect("the node keeps serving")
+            .into_inner();
+        let peer = status.peers[0].clone();
+        if refused(&peer) {
+            let applied = status
+                .applied
+                .and_then(|vv| vv.seqs.get(&2).copied())
+                .unwrap_or(0);
+            // Its clients are still served.
+            let created = node
+                .client
+                .clone()
+                .create_keyspace(pb::CreateKeyspaceRequest {
+                    name: "still-here".into(),
+                    r#type: pb::CrdtType::Set.into(),
+                })
+                .await
+                .expect("create");
+            assert!(created.into_inner().created);
+            return (peer, applied, status.hlc);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the bad data was never refused");
+}
+
+#[tokio::test]
+async fn a_batch_with_a_gap_is_refused_whole() {
+    // seq 1 is fine, seq 3 skips 2: nothing of the batch may land.
+    let frames = vec![batch(hlc_at(0), vec![declare(1, "a"), declare(3, "b")])];
+    let (peer, applied, _) = against(frames, |p| p.refused_bad_batch > 0).await;
+    assert_eq!(applied, 0, "{peer:?}");
+    assert_eq!(peer.refused_clock_drift, 0);
+}
+
+#[tokio::test]
+async fn an_undecodable_operation_is_refused() {
+    let mut bad = declare(2, "b");
+    bad.op = Some(pb::Op { kind: None });
+    let frames = vec![batch(hlc_at(0), vec![declare(1, "a"), bad])];
+    let (_, applied, _) = against(frames, |p| p.refused_bad_batch > 0).await;
+    assert_eq!(applied, 0);
+}
+
+#[tokio::test]
+async fn a_far_future_clock_is_refused_and_does_not_move_ours() {
+    let frames = vec![batch(hlc_at(3_600_000), vec![declare(1, "a")])];
+    let (peer, applied, ours) = against(frames, |p| p.refused_clock_drift > 0).await;
+    assert_eq!(applied, 0);
+    assert!(
+        Hlc::from_u64(ours).unix_ms() < Hlc::from_u64(hlc_at(60_000)).unix_ms(),
+        "the refused clock must not move ours"
+    );
+    assert!(peer.clock_refused);
+    assert!(peer.clock_skew_ms > 3_000_000, "{peer:?}");
+}
+
+#[tokio::test]
+async fn a_delta_with_a_far_future_clock_inside_a_sane_frame_is_refused() {
+    let mut future = declare(1, "a");
+    future.hlc = hlc_at(3_600_000);
+    let frames = vec![batch(hlc_at(0), vec![future])];
+    let (_, applied, _) = against(frames, |p| p.refused_clock_drift > 0).await;
+    assert_eq!(applied, 0);
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_refused() {
+    let mut huge = declare(1, "a");
+    huge.key = "k".repeat(20 << 20);
+    let frames = vec![batch(hlc_at(0), vec![huge])];
+    let (_, applied, _) = against(frames, |p| p.refused_bad_batch > 0).await;
+    assert_eq!(applied, 0);
+}
+
+#[tokio::test]
+async fn a_good_batch_from_the_same_fake_is_applied() {
+    // The control: the fake's framing is right, so the refusals above are
+    // about their content.
+    let frames = vec![batch(hlc_at(0), vec![declare(1, "a"), declare(2, "b")])];
+    let (peer, applied, _) = against(frames, |p| p.deltas_received >= 2).await;
+    assert_eq!(applied, 2);
+    assert_eq!(peer.refused_bad_batch + peer.refused_clock_drift, 0);
+}
