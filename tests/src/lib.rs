@@ -3,6 +3,10 @@
 //! `tests/tests/` share: finding (and building) the binaries, picking
 //! ports, and running a node process that is killed when dropped.
 
+pub mod cluster;
+pub mod proxy;
+pub mod workload;
+
 use std::io::Read;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -119,12 +123,28 @@ impl NodeProcess {
     /// Starts `concord-node --config <config>` and waits until it answers
     /// on `listen` (`127.0.0.1:<port>`).
     pub fn start(config: &Path, listen: &str) -> NodeProcess {
+        Self::start_logged(config, listen, None)
+    }
+
+    /// [`NodeProcess::start`], appending the node's log to `log` when
+    /// given (else to this process's stderr).
+    pub fn start_logged(config: &Path, listen: &str, log: Option<&Path>) -> NodeProcess {
+        let stderr = match log {
+            Some(path) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .expect("open the node's log"),
+            ),
+            None => Stdio::inherit(),
+        };
         let child = Command::new(binary("concord-node"))
             .arg("--config")
             .arg(config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start concord-node");
         let node = NodeProcess {
