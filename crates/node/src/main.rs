@@ -109,6 +109,12 @@ async fn run(config: Config) -> Result<(), NodeError> {
                 Matcher::Full("concord_rpc_duration_seconds".into()),
                 RPC_DURATION_BUCKETS,
             )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("concord_replication_delay_seconds".into()),
+                    RPC_DURATION_BUCKETS,
+                )
+            })
             .and_then(|b| b.install())
             .map_err(|e| NodeError::Serve(format!("metrics on {addr}: {e}")))?;
     }

@@ -7,6 +7,10 @@
 //! | `concord_rpc_requests_total` | counter | `rpc`, `code` |
 //! | `concord_rpc_duration_seconds` | histogram | `rpc` |
 //! | `concord_peer_refusals_total` | counter | `cause` |
+//! | `concord_peer_deltas_sent_total`, `concord_peer_bytes_sent_total` | counter | `peer` |
+//! | `concord_peer_deltas_received_total`, `concord_peer_bytes_received_total` | counter | `peer` |
+//! | `concord_peer_lag_ops` | gauge | `peer` |
+//! | `concord_replication_delay_seconds` | histogram | `peer` |
 //! | `concord_applied_seq` | gauge | `origin` |
 //! | `concord_log_entries`, `concord_log_bytes` | gauge | `origin` |
 //! | `concord_log_cap_removed_total` | counter | |

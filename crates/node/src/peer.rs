@@ -172,11 +172,25 @@ impl Peers {
             .increment(bytes);
     }
 
-    /// Records how many deltas peer `i` has that this node lacks.
+    /// Records how many deltas peer `i` has that this node lacks; none
+    /// means no lag in time either.
     pub(crate) fn lag(&self, i: usize, ops: u64) {
-        lock(&self.peers[i].status).lag_ops = ops;
+        let mut status = lock(&self.peers[i].status);
+        status.lag_ops = ops;
+        if ops == 0 {
+            status.lag_ms = 0;
+        }
+        drop(status);
         metrics::gauge!("concord_peer_lag_ops", "peer" => self.peers[i].config.region.clone())
             .set(ops as f64);
+    }
+
+    /// Records how late, in milliseconds, the newest delta of a batch from
+    /// peer `i` arrived.
+    pub(crate) fn delay(&self, i: usize, ms: u64) {
+        lock(&self.peers[i].status).lag_ms = ms;
+        metrics::histogram!("concord_replication_delay_seconds", "peer" => self.peers[i].config.region.clone())
+            .record(ms as f64 / 1000.0);
     }
 
     /// The replica ids of every configured peer.

@@ -19,10 +19,11 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use concord_core::catalog::KeyspaceId;
+use concord_core::crdt::{StreamEntry, StreamId, StreamOp};
 use concord_core::proto::{
     crdt_type_from_proto, declaration_from_proto, declaration_to_proto, delta_from_proto,
 };
-use concord_core::{Hlc, ReplicaId, Value, VersionVector};
+use concord_core::{CrdtType, Hlc, Op, ReplicaId, Value, VersionVector};
 use concord_proto::v1 as pb;
 use concord_store::snapshot::{Declaration, SnapshotChunk, SnapshotValue};
 use concord_store::StoreError;
@@ -32,6 +33,7 @@ use tonic::{Status, Streaming};
 use crate::engine::Engine;
 use crate::error::NodeError;
 use crate::peer::{Peers, Refusal};
+use crate::subscribe::Appended;
 
 /// Most deltas in one batch.
 pub const BATCH_MAX_DELTAS: usize = 1024;
@@ -510,10 +512,14 @@ impl Applier {
                     self.refuse(Refusal::ClockDrift, format!("a delta's clock: {e}"))
                 })?;
                 let hwm = clock.last();
-                let applied =
-                    blocking(&self.engine, move |store| store.apply_remote(&deltas, hwm)).await;
-                let report = match applied {
-                    Ok(report) => report,
+                let applied = blocking(&self.engine, move |store| {
+                    store
+                        .apply_remote(&deltas, hwm)
+                        .map(|report| (report, deltas))
+                })
+                .await;
+                let (report, deltas) = match applied {
+                    Ok(applied) => applied,
                     Err(NodeError::Store(
                         e @ (StoreError::Gap { .. }
                         | StoreError::OwnDeltaAhead { .. }
@@ -532,6 +538,31 @@ impl Applier {
                     .received(self.index, report.applied as u64, bytes);
                 if report.applied > 0 {
                     self.engine.notify_changed();
+                }
+                // How late the newest fresh delta arrived: its origin's
+                // clock against ours (skew between hosts adds to it).
+                if let Some(newest) = report.fresh.iter().map(|&i| deltas[i].hlc).max() {
+                    let age = self.engine.clock().physical_unix_ms() - newest.unix_ms();
+                    let age = u64::try_from(age).unwrap_or(0);
+                    self.peers.delay(self.index, age);
+                }
+                // Entries appended elsewhere reach this region's stream
+                // subscribers too, once each (duplicates were not applied).
+                for &i in &report.fresh {
+                    let d = &deltas[i];
+                    if let Op::Stream(StreamOp::Append { fields }) = &d.op {
+                        self.engine.subscriptions().publish(Appended {
+                            keyspace: KeyspaceId {
+                                name: d.keyspace.clone(),
+                                ty: CrdtType::Stream,
+                            },
+                            key: d.key.clone(),
+                            entry: StreamEntry {
+                                id: StreamId::new(d.hlc, d.origin),
+                                fields: fields.clone(),
+                            },
+                        });
+                    }
                 }
                 Ok(true)
             }

@@ -2,14 +2,17 @@
 //! to the subscribers of their stream, after their write is durable.
 //!
 //! A subscriber first gets the entries already there (when it asked for
-//! entries after an id), read in pages, then the live ones. It registers
-//! for live entries before reading the backlog, so an entry committed in
-//! between arrives once: from the backlog, and its live copy is skipped.
+//! entries after an id), read in pages, then the live ones: entries
+//! appended in this region and entries replicated from others. It
+//! registers for live entries before reading the backlog, so an entry
+//! committed in between arrives once: from the backlog, and its live copy
+//! is skipped.
 //!
 //! When the node shuts down, [`Subscriptions::close`] ends every
 //! subscription with UNAVAILABLE, so long-lived calls do not hold the
 //! graceful shutdown open.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use concord_core::crdt::{StreamEntry, StreamId};
@@ -30,6 +33,11 @@ pub const SUBSCRIBER_QUEUE_ENTRIES: usize = 256;
 
 /// Entries read per page of a subscriber's backlog.
 pub const BACKLOG_PAGE_ENTRIES: usize = 512;
+
+/// Most backlog entries one subscription sends before going live; a longer
+/// backlog is read with `StreamRange` first. Bounds the memory that keeps
+/// each entry from being sent twice.
+pub const BACKLOG_MAX_ENTRIES: usize = 100_000;
 
 /// One appended entry.
 #[derive(Debug, Clone)]
@@ -126,6 +134,11 @@ async fn feed(
     out: mpsc::Sender<Result<pb::StreamEntry, Status>>,
 ) {
     let mut sent_up_to = after;
+    // Ids sent from the backlog: an entry committed while the backlog was
+    // read also arrives live, and is skipped then. (Ids alone cannot tell:
+    // an entry replicated from another region may have a lower id than
+    // entries already sent.)
+    let mut from_backlog: HashSet<StreamId> = HashSet::new();
     if let Some(after) = after {
         let mut from = successor(after);
         loop {
@@ -149,6 +162,15 @@ async fn feed(
             for entry in page {
                 from = successor(entry.id);
                 sent_up_to = Some(entry.id);
+                if from_backlog.len() == BACKLOG_MAX_ENTRIES {
+                    let _ = out
+                        .send(Err(Status::resource_exhausted(format!(
+                            "the backlog holds more than {BACKLOG_MAX_ENTRIES} entries; read it with StreamRange, then subscribe after its last id"
+                        ))))
+                        .await;
+                    return;
+                }
+                from_backlog.insert(entry.id);
                 if out.send(Ok(entry.into())).await.is_err() {
                     return;
                 }
@@ -176,10 +198,10 @@ async fn feed(
             continue;
         }
         // Already sent from the backlog.
-        if sent_up_to.is_some_and(|s| appended.entry.id <= s) {
+        if from_backlog.remove(&appended.entry.id) {
             continue;
         }
-        sent_up_to = Some(appended.entry.id);
+        sent_up_to = sent_up_to.max(Some(appended.entry.id));
         if out.send(Ok(appended.entry.clone().into())).await.is_err() {
             return;
         }

@@ -491,3 +491,49 @@ async fn writes_cross_a_partial_partition_through_the_region_in_between() {
     assert!(!to_c.connected);
     assert_eq!(to_c.deltas_received, 0, "nothing came over the cut link");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_sees_entries_appended_in_every_region_once() {
+    use tokio_stream::StreamExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut ls, addrs) = listeners(2).await;
+    let regions = start(&[0, 1], &mut ls, &addrs, dir.path(), "").await;
+    create_all(&mut regions[0].client.clone()).await;
+    converged(&regions).await;
+    let mut live = regions[1]
+        .client
+        .clone()
+        .stream_subscribe(pb::StreamSubscribeRequest {
+            keyspace: "events".into(),
+            key: "shared".into(),
+            after: Some(pb::StreamId { hlc: 0, replica: 0 }),
+        })
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let a = tokio::spawn(write(regions[0].client.clone(), 0, 20));
+    let b = tokio::spawn(write(regions[1].client.clone(), 1, 20));
+    let mut ids: Vec<(u64, u32)> = a
+        .await
+        .expect("a")
+        .into_iter()
+        .chain(b.await.expect("b"))
+        .map(|id| (id.hlc, id.replica))
+        .collect();
+    ids.sort();
+    let mut got = Vec::new();
+    while got.len() < ids.len() {
+        let entry = tokio::time::timeout(Duration::from_secs(10), live.next())
+            .await
+            .expect("an entry within 10 s")
+            .expect("open")
+            .expect("entry");
+        let id = entry.id.expect("id");
+        got.push((id.hlc, id.replica));
+    }
+    got.sort();
+    assert_eq!(got, ids, "every entry of both regions, once");
+    // Nothing more arrives: no duplicates.
+    let extra = tokio::time::timeout(Duration::from_millis(500), live.next()).await;
+    assert!(extra.is_err(), "unexpected extra entry {extra:?}");
+}

@@ -145,12 +145,14 @@ pub struct WriteReceipt {
 }
 
 /// What applying a remote batch did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyReport {
     /// Deltas applied.
     pub applied: usize,
     /// Deltas dropped as already applied.
     pub duplicates: usize,
+    /// Positions, in the batch given, of the deltas applied (not dropped).
+    pub fresh: Vec<usize>,
     /// Commit number, if anything was applied.
     commit: Option<u64>,
 }
@@ -695,7 +697,7 @@ impl Store {
                 let mut logged: BTreeMap<ReplicaId, (u64, u64)> = BTreeMap::new();
                 let mut trimmed = false;
                 let mut overlay = RowOverlay::default();
-                for d in deltas {
+                for (position, d) in deltas.iter().enumerate() {
                     let applied = match seen.get(&d.origin) {
                         Some(&s) => s,
                         None => tx_vv_get(vv, d.origin)?,
@@ -731,6 +733,7 @@ impl Store {
                     log.insert(&layout::log_key(d.origin, d.seq), bytes)?;
                     seen.insert(d.origin, d.seq);
                     report.applied += 1;
+                    report.fresh.push(position);
                 }
                 for (origin, seq) in &seen {
                     vv.insert(&layout::replica_key(*origin), &seq.to_be_bytes())?;
