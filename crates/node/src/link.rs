@@ -41,7 +41,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
 
 /// Longest wait before reconnecting to a peer.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Frames queued towards one peer.
 pub const SUBSCRIBER_QUEUE_FRAMES: usize = 64;

@@ -529,11 +529,10 @@ impl Applier {
                     }
                     Err(e) => return Err(e.into()),
                 };
-                self.engine
-                    .store()
-                    .durable_apply(&report)
-                    .await
-                    .map_err(NodeError::from)?;
+                // Forwarding and showing these deltas need not wait for
+                // this region's flush: their origin already has them
+                // durably, and a crash here only means fetching them again.
+                // Only the ack below must wait.
                 self.peers
                     .received(self.index, report.applied as u64, bytes);
                 if report.applied > 0 {
@@ -564,6 +563,11 @@ impl Applier {
                         });
                     }
                 }
+                self.engine
+                    .store()
+                    .durable_apply(&report)
+                    .await
+                    .map_err(NodeError::from)?;
                 Ok(true)
             }
             Some(pb::provider_frame::Body::SnapshotBegin(begin)) => {

@@ -1,0 +1,401 @@
+//! Replication benchmark: three regions served in one process on
+//! 127.0.0.1 (real gRPC, real sled, group commit).
+//!
+//! 1. Lag: a steady 5,000 stream appends per second, spread over the three
+//!    regions, each region subscribed to every stream. For every entry, the
+//!    lag is the time from the origin's acknowledgement to its arrival at
+//!    each of the two other regions' subscribers; p50/p90/p99/max.
+//! 2. Backlog: region us-east stops pulling (its outbound links are cut)
+//!    while 100,000 counter increments are written in eu-west, in batches
+//!    of 100; then the cut heals, and the time until us-east has applied
+//!    everything is measured, split into reconnecting and catching up.
+//!
+//! `cargo bench -p concord-node --bench replication` (add `-- --rate N`,
+//! `--seconds S` or `--backlog N` to change the load).
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use concord_core::clock::SystemTime;
+use concord_core::ReplicaId;
+use concord_node::{Config, Connector, Node};
+use concord_proto::v1 as pb;
+use concord_proto::v1::concord_client::ConcordClient;
+use concord_store::Store;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+
+const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
+const STREAM_KEYS: usize = 8;
+const WRITERS_PER_REGION: usize = 48;
+
+struct Args {
+    rate: u64,
+    seconds: u64,
+    backlog: u64,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        rate: 5_000,
+        seconds: 10,
+        backlog: 100_000,
+    };
+    let argv: Vec<String> = std::env::args().collect();
+    for pair in argv.windows(2) {
+        let value = pair[1].parse().ok();
+        match (pair[0].as_str(), value) {
+            ("--rate", Some(v)) => a.rate = v,
+            ("--seconds", Some(v)) => a.seconds = v,
+            ("--backlog", Some(v)) => a.backlog = v,
+            _ => {}
+        }
+    }
+    a
+}
+
+/// A connection that fails as soon as its link is cut.
+struct Cuttable {
+    inner: tokio::net::TcpStream,
+    cut: Arc<AtomicBool>,
+}
+
+fn check(cut: &AtomicBool) -> io::Result<()> {
+    if cut.load(Ordering::SeqCst) {
+        Err(io::Error::new(io::ErrorKind::ConnectionReset, "cut"))
+    } else {
+        Ok(())
+    }
+}
+
+impl AsyncRead for Cuttable {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        check(&self.cut)?;
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Cuttable {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        check(&self.cut)?;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+fn cuttable(cut: Arc<AtomicBool>) -> Connector {
+    Connector::new(move |uri: tonic::codegen::http::Uri| {
+        let cut = cut.clone();
+        let addr = format!(
+            "{}:{}",
+            uri.host().unwrap_or_default(),
+            uri.port_u16().unwrap_or(80)
+        );
+        async move {
+            check(&cut)?;
+            let inner = tokio::net::TcpStream::connect(addr).await?;
+            inner.set_nodelay(true)?;
+            Ok(Cuttable { inner, cut })
+        }
+    })
+}
+
+struct Region {
+    client: ConcordClient<Channel>,
+    store: Arc<Store>,
+}
+
+async fn cluster(dir: &std::path::Path, cut: Arc<AtomicBool>) -> Vec<Region> {
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind"),
+        );
+    }
+    let addrs: Vec<_> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr"))
+        .collect();
+    let mut regions = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let peers: String = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| {
+                format!(
+                    "[[peers]]\nregion = {:?}\nreplica_id = {}\nendpoint = \"http://{}\"\n",
+                    REGIONS[j],
+                    j + 1,
+                    addrs[j]
+                )
+            })
+            .collect();
+        let config = Config::from_toml(&format!(
+            "region = {:?}\nreplica_id = {}\nlisten = \"{}\"\ndata_dir = {:?}\n\
+             [log]\nfilter = \"warn\"\n{peers}",
+            REGIONS[i],
+            i + 1,
+            addrs[i],
+            dir.join(REGIONS[i])
+        ))
+        .expect("config");
+        let node = Node::open(config, SystemTime).await.expect("open");
+        let store = node.engine().store().clone();
+        let connector = if i == 0 {
+            cuttable(cut.clone())
+        } else {
+            Connector::tcp()
+        };
+        tokio::spawn(node.serve(
+            // As the binary does: replies go out at once (no Nagle).
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            connector,
+            std::future::pending::<()>(),
+        ));
+        let client = ConcordClient::connect(format!("http://{}", addrs[i]))
+            .await
+            .expect("connect");
+        regions.push(Region { client, store });
+    }
+    regions
+}
+
+async fn converged(regions: &[Region], timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let vvs: Vec<_> = regions
+            .iter()
+            .map(|r| r.store.version_vector().expect("vv"))
+            .collect();
+        if vvs.windows(2).all(|w| w[0] == w[1]) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    false
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+type Acked = Arc<Mutex<HashMap<(u64, u32), Instant>>>;
+
+/// Entry id, receiving replica, arrival time.
+type Arrivals = Arc<Mutex<Vec<((u64, u32), u32, Instant)>>>;
+
+async fn lag(regions: &[Region], rate: u64, seconds: u64) {
+    for (name, ty) in [
+        ("events", pb::CrdtType::Stream),
+        ("hits", pb::CrdtType::Counter),
+    ] {
+        regions[0]
+            .client
+            .clone()
+            .create_keyspace(pb::CreateKeyspaceRequest {
+                name: name.into(),
+                r#type: ty.into(),
+            })
+            .await
+            .expect("create");
+    }
+    assert!(converged(regions, Duration::from_secs(10)).await);
+
+    let acked: Acked = Arc::default();
+    let arrivals: Arrivals = Arc::default();
+    for (r, region) in regions.iter().enumerate() {
+        for k in 0..STREAM_KEYS {
+            let mut live = region
+                .client
+                .clone()
+                .stream_subscribe(pb::StreamSubscribeRequest {
+                    keyspace: "events".into(),
+                    key: format!("k{k}"),
+                    after: None,
+                })
+                .await
+                .expect("subscribe")
+                .into_inner();
+            let arrivals = arrivals.clone();
+            let me = r as u32 + 1;
+            tokio::spawn(async move {
+                while let Some(Ok(entry)) = live.next().await {
+                    let now = Instant::now();
+                    if let Some(id) = entry.id {
+                        if id.replica != me {
+                            arrivals
+                                .lock()
+                                .expect("lock")
+                                .push(((id.hlc, id.replica), me, now));
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    let per_writer = rate as f64 / (regions.len() * WRITERS_PER_REGION) as f64;
+    let interval = Duration::from_secs_f64(1.0 / per_writer);
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for region in regions {
+        for w in 0..WRITERS_PER_REGION {
+            let mut client = region.client.clone();
+            let acked = acked.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                let mut n = 0usize;
+                while Instant::now() < until {
+                    tick.tick().await;
+                    n += 1;
+                    let r = client
+                        .stream_append(pb::StreamAppendRequest {
+                            keyspace: "events".into(),
+                            key: format!("k{}", (w + n) % STREAM_KEYS),
+                            fields: vec![pb::StreamField {
+                                name: "n".into(),
+                                value: n.to_le_bytes().to_vec(),
+                            }],
+                        })
+                        .await
+                        .expect("append")
+                        .into_inner();
+                    let id = r.id.expect("id");
+                    acked
+                        .lock()
+                        .expect("lock")
+                        .insert((id.hlc, id.replica), Instant::now());
+                }
+                n
+            }));
+        }
+    }
+    let mut written = 0;
+    for t in tasks {
+        written += t.await.expect("writer");
+    }
+    assert!(converged(regions, Duration::from_secs(30)).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let acked = acked.lock().expect("lock");
+    let arrivals = arrivals.lock().expect("lock");
+    let mut lags: Vec<Duration> = arrivals
+        .iter()
+        .filter_map(|(id, _, at)| acked.get(id).map(|a| at.saturating_duration_since(*a)))
+        .collect();
+    lags.sort();
+    let expected = written * (regions.len() - 1);
+    println!(
+        "lag: {written} appends in {seconds} s ({:.0}/s offered {rate}/s), {} of {expected} remote arrivals measured",
+        written as f64 / seconds as f64,
+        lags.len()
+    );
+    println!(
+        "lag ms (origin ack -> remote subscriber): p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+        percentile(&lags, 0.50),
+        percentile(&lags, 0.90),
+        percentile(&lags, 0.99),
+        percentile(&lags, 1.0)
+    );
+}
+
+async fn backlog(regions: &[Region], cut: &AtomicBool, total: u64) {
+    cut.store(true, Ordering::SeqCst);
+    // Let us-east's links notice.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut client = regions[1].client.clone();
+    let started = Instant::now();
+    let mut written = 0;
+    while written < total {
+        let n = 100.min(total - written);
+        let operations = (0..n)
+            .map(|i| pb::Operation {
+                op: Some(pb::operation::Op::CounterIncrement(
+                    pb::CounterIncrementRequest {
+                        keyspace: "hits".into(),
+                        key: format!("k{}", (written + i) % 1000),
+                        delta: 1,
+                    },
+                )),
+            })
+            .collect();
+        client
+            .batch(pb::BatchRequest { operations })
+            .await
+            .expect("batch");
+        written += n;
+    }
+    let wrote_in = started.elapsed();
+    let target = regions[1].store.applied(ReplicaId(2)).expect("applied");
+    let behind = target - regions[0].store.applied(ReplicaId(2)).expect("applied");
+    println!(
+        "backlog: {total} increments written in eu-west in {:.2} s while us-east was cut off; us-east {behind} deltas behind",
+        wrote_in.as_secs_f64()
+    );
+    let healed = Instant::now();
+    cut.store(false, Ordering::SeqCst);
+    let mut first_progress = None;
+    let before = regions[0].store.applied(ReplicaId(2)).expect("applied");
+    loop {
+        let have = regions[0].store.applied(ReplicaId(2)).expect("applied");
+        if first_progress.is_none() && have > before {
+            first_progress = Some(healed.elapsed());
+        }
+        if have >= target {
+            break;
+        }
+        if healed.elapsed() > Duration::from_secs(120) {
+            println!("backlog: not converged after 120 s ({have} of {target})");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let total_s = healed.elapsed().as_secs_f64();
+    let reconnect = first_progress.unwrap_or_default().as_secs_f64();
+    println!(
+        "backlog: converged {total_s:.2} s after the heal ({reconnect:.2} s until the link was back, {:.2} s applying)",
+        total_s - reconnect
+    );
+}
+
+fn main() {
+    let args = args();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cut = Arc::new(AtomicBool::new(false));
+        let regions = cluster(dir.path(), cut.clone()).await;
+        lag(&regions, args.rate, args.seconds).await;
+        backlog(&regions, &cut, args.backlog).await;
+    });
+}
