@@ -135,33 +135,15 @@ impl Link {
 
         let store = self.engine.store();
         let applied = store.version_vector().map_err(|e| e.to_string())?;
-        let hello = pb::SubscriberFrame {
-            sender_hlc: self
-                .engine
-                .clock()
-                .now()
-                .map_err(|e| e.to_string())?
-                .as_u64(),
-            body: Some(pb::subscriber_frame::Body::Hello(pb::Hello {
-                protocol_version: PEER_PROTOCOL_VERSION,
-                region: store.identity().region.clone(),
-                replica_id: store.identity().replica.0,
-                applied: Some((&applied).into()),
-                origins: Vec::new(),
-            })),
-        };
         let mut known: BTreeSet<u32> = applied.iter().map(|(origin, _)| origin.0).collect();
         let mut interest = self.interest(&known);
-        let hello = match hello.body {
-            Some(pb::subscriber_frame::Body::Hello(h)) => pb::SubscriberFrame {
-                body: Some(pb::subscriber_frame::Body::Hello(pb::Hello {
-                    origins: interest.clone(),
-                    ..h
-                })),
-                ..hello
-            },
-            _ => hello,
-        };
+        let hello = self.frame(pb::subscriber_frame::Body::Hello(pb::Hello {
+            protocol_version: PEER_PROTOCOL_VERSION,
+            region: store.identity().region.clone(),
+            replica_id: store.identity().replica.0,
+            applied: Some((&applied).into()),
+            origins: interest.clone(),
+        }))?;
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE_FRAMES);
         tx.send(hello)
             .await
@@ -170,24 +152,12 @@ impl Link {
             tokio::time::timeout(HANDSHAKE_TIMEOUT, client.subscribe(ReceiverStream::new(rx)))
                 .await
                 .map_err(|_| format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs()))?
-                .map_err(|s| {
-                    format!(
-                        "refused: {}: {}",
-                        concord_proto::code_name(s.code()),
-                        s.message()
-                    )
-                })?;
+                .map_err(|s| status_text("refused", &s))?;
         let mut frames = opened.into_inner();
         let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, frames.message())
             .await
             .map_err(|_| format!("no Welcome within {} s", HANDSHAKE_TIMEOUT.as_secs()))?
-            .map_err(|s| {
-                format!(
-                    "refused: {}: {}",
-                    concord_proto::code_name(s.code()),
-                    s.message()
-                )
-            })?
+            .map_err(|s| status_text("refused", &s))?
             .ok_or("the stream ended before its Welcome")?;
         self.observe(first.sender_hlc)?;
         let Some(pb::provider_frame::Body::Welcome(welcome)) = first.body else {
@@ -221,13 +191,6 @@ impl Link {
         let mut applier = Applier::new(self.engine.clone(), self.peers.clone(), self.index);
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let stream_failed = |s: tonic::Status| {
-            format!(
-                "stream ended: {}: {}",
-                concord_proto::code_name(s.code()),
-                s.message()
-            )
-        };
         let mut last_frame = tokio::time::Instant::now();
         let mut reachability = self.peers.reachability();
         let mut last_acked = concord_core::VersionVector::new();
@@ -240,17 +203,9 @@ impl Link {
             let wanted = self.interest(&known);
             if wanted != interest {
                 tracing::debug!(peer = %config.region, origins = ?wanted, "interest changed");
-                let frame = pb::SubscriberFrame {
-                    sender_hlc: self
-                        .engine
-                        .clock()
-                        .now()
-                        .map_err(|e| e.to_string())?
-                        .as_u64(),
-                    body: Some(pb::subscriber_frame::Body::Interest(pb::Interest {
-                        origins: wanted.clone(),
-                    })),
-                };
+                let frame = self.frame(pb::subscriber_frame::Body::Interest(pb::Interest {
+                    origins: wanted.clone(),
+                }))?;
                 tx.send(frame)
                     .await
                     .map_err(|_| "the outbound queue closed".to_string())?;
@@ -266,7 +221,7 @@ impl Link {
                         if s.code() == tonic::Code::OutOfRange && s.message().contains("too large") {
                             self.peers.refused_by_index(self.index, Refusal::BadBatch);
                         }
-                        stream_failed(s)
+                        status_text("stream ended", &s)
                     })?
                 }
                 _ = reachability.changed() => continue,
@@ -294,10 +249,7 @@ impl Link {
                             wall_unix_ms: u64::try_from(self.engine.clock().physical_unix_ms()).unwrap_or(0),
                         })
                     };
-                    let frame = pb::SubscriberFrame {
-                        sender_hlc: self.engine.clock().now().map_err(|e| e.to_string())?.as_u64(),
-                        body: Some(body),
-                    };
+                    let frame = self.frame(body)?;
                     tx.send(frame).await.map_err(|_| "the outbound queue closed".to_string())?;
                     continue;
                 }
@@ -329,6 +281,15 @@ impl Link {
                     .map_err(|_| "the outbound queue closed".to_string())?;
             }
         }
+    }
+
+    /// A frame to the peer, stamped with this node's clock.
+    fn frame(&self, body: pb::subscriber_frame::Body) -> Result<pb::SubscriberFrame, String> {
+        let hlc = self.engine.clock().now().map_err(|e| e.to_string())?;
+        Ok(pb::SubscriberFrame {
+            sender_hlc: hlc.as_u64(),
+            body: Some(body),
+        })
     }
 
     /// The origins to ask this link's peer for: every origin known here
@@ -364,4 +325,13 @@ impl Link {
             Err(e) => Err(e.to_string()),
         }
     }
+}
+
+/// A peer's status as one line: `what: CODE: message`.
+fn status_text(what: &str, s: &tonic::Status) -> String {
+    format!(
+        "{what}: {}: {}",
+        concord_proto::code_name(s.code()),
+        s.message()
+    )
 }
