@@ -11,7 +11,10 @@
 //!    everything is measured, split into reconnecting and catching up.
 //!
 //! `cargo bench -p concord-node --bench replication` (add `-- --rate N`,
-//! `--seconds S` or `--backlog N` to change the load).
+//! `--seconds S` or `--backlog N` to change the load). With
+//! `-- --processes`, the lag part runs against three `concord-node`
+//! processes instead (release build), the load and the subscribers staying
+//! in the benchmark's process.
 
 use std::collections::HashMap;
 use std::io;
@@ -36,6 +39,7 @@ const STREAM_KEYS: usize = 8;
 const WRITERS_PER_REGION: usize = 48;
 
 struct Args {
+    processes: bool,
     rate: u64,
     seconds: u64,
     backlog: u64,
@@ -43,6 +47,7 @@ struct Args {
 
 fn args() -> Args {
     let mut a = Args {
+        processes: std::env::args().any(|a| a == "--processes"),
         rate: 5_000,
         seconds: 10,
         backlog: 100_000,
@@ -123,7 +128,14 @@ fn cuttable(cut: Arc<AtomicBool>) -> Connector {
 
 struct Region {
     client: ConcordClient<Channel>,
-    store: Arc<Store>,
+    /// The store, when the region runs in this process.
+    store: Option<Arc<Store>>,
+}
+
+impl Region {
+    fn store(&self) -> &Store {
+        self.store.as_deref().expect("an in-process region")
+    }
 }
 
 async fn cluster(dir: &std::path::Path, cut: Arc<AtomicBool>) -> Vec<Region> {
@@ -177,7 +189,10 @@ async fn cluster(dir: &std::path::Path, cut: Arc<AtomicBool>) -> Vec<Region> {
         let client = ConcordClient::connect(format!("http://{}", addrs[i]))
             .await
             .expect("connect");
-        regions.push(Region { client, store });
+        regions.push(Region {
+            client,
+            store: Some(store),
+        });
     }
     regions
 }
@@ -185,16 +200,96 @@ async fn cluster(dir: &std::path::Path, cut: Arc<AtomicBool>) -> Vec<Region> {
 async fn converged(regions: &[Region], timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        let vvs: Vec<_> = regions
-            .iter()
-            .map(|r| r.store.version_vector().expect("vv"))
-            .collect();
+        let mut vvs = Vec::new();
+        for r in regions {
+            let status = r
+                .client
+                .clone()
+                .status(pb::StatusRequest {})
+                .await
+                .expect("status")
+                .into_inner();
+            vvs.push(status.applied.map(|a| a.seqs));
+        }
         if vvs.windows(2).all(|w| w[0] == w[1]) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     false
+}
+
+/// Three `concord-node` processes (release build) with direct links; the
+/// processes are killed when the returned guard drops.
+async fn processes(dir: &std::path::Path) -> (Vec<Region>, Vec<std::process::Child>) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = std::process::Command::new(cargo)
+        .args(["build", "--release", "--quiet", "-p", "concord-node"])
+        .status()
+        .expect("cargo build");
+    assert!(built.success(), "building concord-node failed");
+    let exe = std::env::current_exe().expect("exe");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("concord-node");
+    let addrs: Vec<std::net::SocketAddr> = (0..3)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .expect("bind")
+                .local_addr()
+                .expect("addr")
+        })
+        .collect();
+    let mut children = Vec::new();
+    let mut regions = Vec::new();
+    for i in 0..3 {
+        let peers: String = (0..3)
+            .filter(|&j| j != i)
+            .map(|j| {
+                format!(
+                    "[[peers]]\nregion = {:?}\nreplica_id = {}\nendpoint = \"http://{}\"\n",
+                    REGIONS[j],
+                    j + 1,
+                    addrs[j]
+                )
+            })
+            .collect();
+        let path = dir.join(format!("{}.toml", REGIONS[i]));
+        std::fs::write(
+            &path,
+            format!(
+                "region = {:?}\nreplica_id = {}\nlisten = \"{}\"\ndata_dir = {:?}\n\
+                 [log]\nfilter = \"warn\"\n{peers}",
+                REGIONS[i],
+                i + 1,
+                addrs[i],
+                dir.join(REGIONS[i])
+            ),
+        )
+        .expect("config");
+        children.push(
+            std::process::Command::new(&bin)
+                .arg("--config")
+                .arg(&path)
+                .spawn()
+                .expect("start concord-node"),
+        );
+    }
+    for addr in &addrs {
+        let client = loop {
+            match ConcordClient::connect(format!("http://{addr}")).await {
+                Ok(c) => break c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        regions.push(Region {
+            client,
+            store: None,
+        });
+    }
+    (regions, children)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -353,8 +448,8 @@ async fn backlog(regions: &[Region], cut: &AtomicBool, total: u64) {
         written += n;
     }
     let wrote_in = started.elapsed();
-    let target = regions[1].store.applied(ReplicaId(2)).expect("applied");
-    let behind = target - regions[0].store.applied(ReplicaId(2)).expect("applied");
+    let target = regions[1].store().applied(ReplicaId(2)).expect("applied");
+    let behind = target - regions[0].store().applied(ReplicaId(2)).expect("applied");
     println!(
         "backlog: {total} increments written in eu-west in {:.2} s while us-east was cut off; us-east {behind} deltas behind",
         wrote_in.as_secs_f64()
@@ -362,9 +457,9 @@ async fn backlog(regions: &[Region], cut: &AtomicBool, total: u64) {
     let healed = Instant::now();
     cut.store(false, Ordering::SeqCst);
     let mut first_progress = None;
-    let before = regions[0].store.applied(ReplicaId(2)).expect("applied");
+    let before = regions[0].store().applied(ReplicaId(2)).expect("applied");
     loop {
-        let have = regions[0].store.applied(ReplicaId(2)).expect("applied");
+        let have = regions[0].store().applied(ReplicaId(2)).expect("applied");
         if first_progress.is_none() && have > before {
             first_progress = Some(healed.elapsed());
         }
@@ -393,6 +488,15 @@ fn main() {
         .expect("runtime");
     runtime.block_on(async {
         let dir = tempfile::tempdir().expect("tempdir");
+        if args.processes {
+            let (regions, mut children) = processes(dir.path()).await;
+            lag(&regions, args.rate, args.seconds).await;
+            for child in &mut children {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            return;
+        }
         let cut = Arc::new(AtomicBool::new(false));
         let regions = cluster(dir.path(), cut.clone()).await;
         lag(&regions, args.rate, args.seconds).await;
