@@ -126,6 +126,28 @@ fn cuttable(cut: Arc<AtomicBool>) -> Connector {
     })
 }
 
+/// Region `i`'s configuration: every other region a direct peer.
+fn config_text(i: usize, addrs: &[std::net::SocketAddr], dir: &std::path::Path) -> String {
+    let peers: String = (0..addrs.len())
+        .filter(|&j| j != i)
+        .map(|j| {
+            format!(
+                "[[peers]]\nregion = {:?}\nreplica_id = {}\nendpoint = \"http://{}\"\n",
+                REGIONS[j],
+                j + 1,
+                addrs[j]
+            )
+        })
+        .collect();
+    format!(
+        "region = {:?}\nreplica_id = {}\nlisten = \"{}\"\ndata_dir = {:?}\n[log]\nfilter = \"warn\"\n{peers}",
+        REGIONS[i],
+        i + 1,
+        addrs[i],
+        dir.join(REGIONS[i])
+    )
+}
+
 struct Region {
     client: ConcordClient<Channel>,
     /// The store, when the region runs in this process.
@@ -153,26 +175,7 @@ async fn cluster(dir: &std::path::Path, cut: Arc<AtomicBool>) -> Vec<Region> {
         .collect();
     let mut regions = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
-        let peers: String = (0..3)
-            .filter(|&j| j != i)
-            .map(|j| {
-                format!(
-                    "[[peers]]\nregion = {:?}\nreplica_id = {}\nendpoint = \"http://{}\"\n",
-                    REGIONS[j],
-                    j + 1,
-                    addrs[j]
-                )
-            })
-            .collect();
-        let config = Config::from_toml(&format!(
-            "region = {:?}\nreplica_id = {}\nlisten = \"{}\"\ndata_dir = {:?}\n\
-             [log]\nfilter = \"warn\"\n{peers}",
-            REGIONS[i],
-            i + 1,
-            addrs[i],
-            dir.join(REGIONS[i])
-        ))
-        .expect("config");
+        let config = Config::from_toml(&config_text(i, &addrs, dir)).expect("config");
         let node = Node::open(config, SystemTime).await.expect("open");
         let store = node.engine().store().clone();
         let connector = if i == 0 {
@@ -244,31 +247,9 @@ async fn processes(dir: &std::path::Path) -> (Vec<Region>, Vec<std::process::Chi
         .collect();
     let mut children = Vec::new();
     let mut regions = Vec::new();
-    for i in 0..3 {
-        let peers: String = (0..3)
-            .filter(|&j| j != i)
-            .map(|j| {
-                format!(
-                    "[[peers]]\nregion = {:?}\nreplica_id = {}\nendpoint = \"http://{}\"\n",
-                    REGIONS[j],
-                    j + 1,
-                    addrs[j]
-                )
-            })
-            .collect();
-        let path = dir.join(format!("{}.toml", REGIONS[i]));
-        std::fs::write(
-            &path,
-            format!(
-                "region = {:?}\nreplica_id = {}\nlisten = \"{}\"\ndata_dir = {:?}\n\
-                 [log]\nfilter = \"warn\"\n{peers}",
-                REGIONS[i],
-                i + 1,
-                addrs[i],
-                dir.join(REGIONS[i])
-            ),
-        )
-        .expect("config");
+    for (i, name) in REGIONS.iter().enumerate() {
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config_text(i, &addrs, dir)).expect("config");
         children.push(
             std::process::Command::new(&bin)
                 .arg("--config")

@@ -395,7 +395,7 @@ mod tests {
         region = "us-east"
         replica_id = 1
         listen = "127.0.0.1:7101"
-        data_dir = "/tmp/concord-us-east"
+        data_dir = "/var/lib/concord/us-east"
     "#;
 
     #[test]

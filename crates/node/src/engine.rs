@@ -36,7 +36,9 @@ pub struct Engine {
 impl Engine {
     /// An engine over `store`, stamping writes with `clock`.
     pub fn new(store: Arc<Store>, clock: Arc<Clock>) -> Self {
-        // What the store holds after opening is on disk.
+        // What the store holds after opening is on disk. Should the read
+        // fail, 0 is the safe side: own deltas then wait for the next
+        // durable write before they are shipped.
         let durable_own = store.applied(store.identity().replica).unwrap_or(0);
         Engine {
             store,

@@ -259,17 +259,19 @@ impl Provider {
         if wanted.is_empty() {
             return Ok(Pending::Nothing);
         }
+        // Each origin gets an equal share of the batch's byte budget (the
+        // log reader enforces it, and returns at least one delta), so the
+        // deltas need not be encoded again to count them.
+        let share = BATCH_MAX_BYTES / wanted.len();
         let read = blocking(&self.engine, move |store| {
             let mut batch = Vec::new();
-            let mut bytes = 0usize;
             for (origin, sent, upto) in wanted {
                 let room = BATCH_MAX_DELTAS - batch.len();
-                if room == 0 || bytes >= BATCH_MAX_BYTES {
+                if room == 0 {
                     break;
                 }
                 let want = usize::try_from(upto - sent).unwrap_or(usize::MAX).min(room);
-                let deltas = store.log_from(origin, sent + 1, want, BATCH_MAX_BYTES - bytes)?;
-                bytes += deltas.iter().map(|d| d.encode().len()).sum::<usize>();
+                let deltas = store.log_from(origin, sent + 1, want, share)?;
                 batch.extend(deltas.into_iter().filter(|d| d.seq <= upto));
             }
             Ok(batch)

@@ -3,9 +3,12 @@
 //! a clear cause on the peer's status, nothing of it is applied, and the
 //! node keeps serving its clients.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime as StdTime, UNIX_EPOCH};
 
 use concord_core::Hlc;
+use concord_node::Connector;
 use concord_proto::v1 as pb;
 use concord_proto::v1::replication_server::{Replication, ReplicationServer};
 use tokio_stream::wrappers::ReceiverStream;
@@ -58,6 +61,22 @@ impl Replication for Fake {
     }
 }
 
+/// Serves a [`Fake`] provider on 127.0.0.1; returns its address.
+async fn fake(frames: Vec<pb::ProviderFrame>) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                ReplicationServer::new(Fake { frames }).max_encoding_message_size(64 << 20),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
 fn declare(seq: u64, name: &str) -> pb::Delta {
     pb::Delta {
         origin: 2,
@@ -87,17 +106,7 @@ async fn against(
     frames: Vec<pb::ProviderFrame>,
     refused: impl Fn(&pb::PeerStatus) -> bool,
 ) -> (pb::PeerStatus, u64, u64) {
-    let fake = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let fake_addr = fake.local_addr().expect("addr");
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(
-                ReplicationServer::new(Fake { frames }).max_encoding_message_size(64 << 20),
-            )
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(fake)),
-    );
+    let fake_addr = fake(frames).await;
     let node = common::start_with(&format!(
         "max_drift_ms = 500\n[[peers]]\nregion = \"eu-west\"\nreplica_id = 2\nendpoint = \"http://{fake_addr}\""
     ))
@@ -191,4 +200,52 @@ async fn a_good_batch_from_the_same_fake_is_applied() {
     let (peer, applied, _) = against(frames, |p| p.deltas_received >= 2).await;
     assert_eq!(applied, 2);
     assert_eq!(peer.refused_bad_batch + peer.refused_clock_drift, 0);
+}
+
+#[tokio::test]
+async fn a_batch_over_the_delta_limit_is_refused() {
+    let deltas = (1..=concord_node::replicate::BATCH_MAX_DELTAS as u64 + 1)
+        .map(|seq| declare(seq, &format!("k{seq}")))
+        .collect();
+    let frames = vec![batch(hlc_at(0), deltas)];
+    let (_, applied, _) = against(frames, |p| p.refused_bad_batch > 0).await;
+    assert_eq!(applied, 0);
+}
+
+#[tokio::test]
+async fn a_peer_that_falls_silent_is_given_up_and_dialled_again() {
+    // The fake answers the handshake, then sends nothing at all (no
+    // heartbeats): the link must notice within the silence timeout and
+    // reconnect, not wait on the stream forever.
+    let addr = fake(Vec::new()).await;
+    let dials = Arc::new(AtomicUsize::new(0));
+    let counted = dials.clone();
+    let connector = Connector::new(move |uri: tonic::codegen::http::Uri| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        let addr = format!(
+            "{}:{}",
+            uri.host().unwrap_or_default(),
+            uri.port_u16().unwrap_or(80)
+        );
+        async move { tokio::net::TcpStream::connect(addr).await }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let _node = common::serve_on(
+        listener,
+        &format!("[[peers]]\nregion = \"eu-west\"\nreplica_id = 2\nendpoint = \"http://{addr}\""),
+        connector,
+    )
+    .await;
+    let deadline = tokio::time::Instant::now()
+        + concord_node::replicate::SILENCE_TIMEOUT
+        + Duration::from_secs(5);
+    while dials.load(Ordering::SeqCst) < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the link kept waiting on a silent peer"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

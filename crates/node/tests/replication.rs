@@ -216,6 +216,21 @@ async fn write(mut c: ConcordClient<Channel>, r: usize, n: usize) -> Vec<pb::Str
     ids
 }
 
+/// `n` writes of every type in every region at once; returns the stream
+/// ids.
+async fn write_everywhere(regions: &[Region], n: usize) -> Vec<pb::StreamId> {
+    let writers: Vec<_> = regions
+        .iter()
+        .enumerate()
+        .map(|(i, r)| tokio::spawn(write(r.client.clone(), i, n)))
+        .collect();
+    let mut ids = Vec::new();
+    for w in writers {
+        ids.extend(w.await.expect("writer"));
+    }
+    ids
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_regions_writing_concurrently_converge_with_every_write() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -225,15 +240,7 @@ async fn three_regions_writing_concurrently_converge_with_every_write() {
         create_all(&mut r.client.clone()).await;
     }
     const N: usize = 40;
-    let writers: Vec<_> = regions
-        .iter()
-        .enumerate()
-        .map(|(i, r)| tokio::spawn(write(r.client.clone(), i, N)))
-        .collect();
-    let mut ids = Vec::new();
-    for w in writers {
-        ids.extend(w.await.expect("writer"));
-    }
+    let ids = write_everywhere(&regions, N).await;
     let vv = converged(&regions).await;
     for i in 0..3u32 {
         // 4 writes per round, and whichever declarations a region made
@@ -433,14 +440,7 @@ async fn with_every_link_up_each_delta_crosses_to_each_region_once() {
     for r in &regions {
         create_all(&mut r.client.clone()).await;
     }
-    let writers: Vec<_> = regions
-        .iter()
-        .enumerate()
-        .map(|(i, r)| tokio::spawn(write(r.client.clone(), i, 20)))
-        .collect();
-    for w in writers {
-        w.await.expect("writer");
-    }
+    write_everywhere(&regions, 20).await;
     let vv = converged(&regions).await;
     // Each region received from each peer exactly that peer's own deltas:
     // nothing was forwarded a second time.
@@ -471,14 +471,7 @@ async fn writes_cross_a_partial_partition_through_the_region_in_between() {
     for r in &regions {
         create_all(&mut r.client.clone()).await;
     }
-    let writers: Vec<_> = regions
-        .iter()
-        .enumerate()
-        .map(|(i, r)| tokio::spawn(write(r.client.clone(), i, 20)))
-        .collect();
-    for w in writers {
-        w.await.expect("writer");
-    }
+    write_everywhere(&regions, 20).await;
     converged(&regions).await;
     let dumps: Vec<Vec<String>> = regions.iter().map(|r| dump(&r.store)).collect();
     assert_eq!(dumps[0], dumps[2]);
