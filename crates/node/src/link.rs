@@ -6,21 +6,26 @@
 //! answer: a `Welcome` from the region and replica id configured for that
 //! endpoint, in this protocol version, with a clock within `max_drift_ms`.
 //! It then applies what the peer streams (`replicate::Applier`),
-//! observing each frame's clock, acknowledging what it applied and sending
-//! heartbeats, until the stream ends; status shows the peer connected
-//! meanwhile. Any failure is
+//! observing each frame's clock and applying the delta batches that
+//! arrived together in one transaction; it acknowledges what it applied
+//! once that is durable (see `Acks`) and sends heartbeats, until the
+//! stream ends; status shows the peer connected meanwhile. Any failure is
 //! retried after a backoff that doubles from [`BACKOFF_MIN`] to
 //! [`BACKOFF_MAX`] and starts over only after a session that lasted longer
 //! than [`BACKOFF_MAX`], so a peer that accepts and drops at once is not
 //! hammered. A new session resumes from this node's applied vector.
 
 use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
-use concord_core::{CoreError, Hlc};
+use concord_core::{CoreError, Hlc, VersionVector};
 use concord_proto::v1 as pb;
 use concord_proto::v1::replication_client::ReplicationClient;
 use concord_proto::PEER_PROTOCOL_VERSION;
+use concord_store::Store;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
@@ -28,7 +33,7 @@ use tonic::transport::Endpoint;
 use crate::connect::Connector;
 use crate::engine::Engine;
 use crate::peer::{Peers, Refusal};
-use crate::replicate::{Applier, ApplyError, HEARTBEAT, SILENCE_TIMEOUT};
+use crate::replicate::{Applier, ApplyError, APPLY_MAX_DELTAS, HEARTBEAT, SILENCE_TIMEOUT};
 use crate::server::{KEEPALIVE, MAX_MESSAGE_BYTES};
 
 /// Longest wait for a TCP connection to a peer.
@@ -193,7 +198,9 @@ impl Link {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_frame = tokio::time::Instant::now();
         let mut reachability = self.peers.reachability();
-        let mut last_acked = concord_core::VersionVector::new();
+        let mut acks = Acks::new(store.clone());
+        // A frame taken in while gathering delta batches, handled next.
+        let mut held: Option<pb::ProviderFrame> = None;
         if let Some(theirs) = &welcome.applied {
             known.extend(theirs.seqs.keys());
         }
@@ -212,17 +219,16 @@ impl Link {
                 interest = wanted;
             }
             let silent_until = last_frame + SILENCE_TIMEOUT;
-            let frame = tokio::select! {
+            let frame = match held.take() {
+                Some(frame) => Some(frame),
+                None => tokio::select! {
                 frame = frames.message() => {
                     last_frame = tokio::time::Instant::now();
-                    frame.map_err(|s| {
-                        // tonic's decoder refuses a frame over the message
-                        // limit before we see it: the peer's fault.
-                        if s.code() == tonic::Code::OutOfRange && s.message().contains("too large") {
-                            self.peers.refused_by_index(self.index, Refusal::BadBatch);
-                        }
-                        status_text("stream ended", &s)
-                    })?
+                    let frame = frame.map_err(|s| self.stream_failed(&s))?;
+                    if let Some(frame) = &frame {
+                        self.observe(frame.sender_hlc)?;
+                    }
+                    frame
                 }
                 _ = reachability.changed() => continue,
                 () = tokio::time::sleep_until(silent_until) => {
@@ -232,55 +238,97 @@ impl Link {
                         HEARTBEAT.as_secs()
                     ));
                 }
-                _ = heartbeat.tick() => {
-                    // Deltas arriving over other links change the vector
-                    // too; this provider learns of them only from here, and
-                    // needs them acknowledged to truncate its logs.
-                    let applied = store.version_vector().map_err(|e| e.to_string())?;
-                    let body = if applied != last_acked {
-                        store.sync().await.map_err(|e| e.to_string())?;
-                        last_acked = applied.clone();
-                        pb::subscriber_frame::Body::Ack(pb::Ack {
-                            applied: Some((&applied).into()),
-                        })
-                    } else {
-                        pb::subscriber_frame::Body::Heartbeat(pb::Heartbeat {
-                            applied: Some((&applied).into()),
-                            wall_unix_ms: u64::try_from(self.engine.clock().physical_unix_ms()).unwrap_or(0),
-                        })
-                    };
-                    let frame = self.frame(body)?;
+                durable = acks.flushed() => {
+                    let applied = durable?;
+                    let frame = self.frame(pb::subscriber_frame::Body::Ack(pb::Ack {
+                        applied: Some((&applied).into()),
+                    }))?;
                     tx.send(frame).await.map_err(|_| "the outbound queue closed".to_string())?;
                     continue;
                 }
+                _ = heartbeat.tick() => {
+                    let applied = store.version_vector().map_err(|e| e.to_string())?;
+                    // Deltas arriving over other links change the vector
+                    // too; this provider learns of them only from here, and
+                    // needs them acknowledged to truncate its logs.
+                    acks.due(applied.clone());
+                    let frame = self.frame(pb::subscriber_frame::Body::Heartbeat(pb::Heartbeat {
+                        applied: Some((&applied).into()),
+                        wall_unix_ms: u64::try_from(self.engine.clock().physical_unix_ms()).unwrap_or(0),
+                    }))?;
+                    tx.send(frame).await.map_err(|_| "the outbound queue closed".to_string())?;
+                    continue;
+                }
+                },
             };
             let Some(frame) = frame else {
                 return Ok(());
             };
-            self.observe(frame.sender_hlc)?;
             if let Some(pb::provider_frame::Body::Heartbeat(beat)) = &frame.body {
                 if let Some(theirs) = &beat.applied {
                     known.extend(theirs.seqs.keys());
                 }
             }
-            let ack = match applier.apply(frame).await {
-                Ok(ack) => ack,
+            let mut bytes = prost::Message::encoded_len(&frame) as u64;
+            let applied = match frame.body {
+                Some(pb::provider_frame::Body::Deltas(batch)) => {
+                    // Delta batches already received are applied with this
+                    // one, in one transaction: under load the link keeps
+                    // up by applying more per transaction, not by queueing.
+                    let mut batches = vec![batch];
+                    let mut count = batches[0].deltas.len();
+                    while count < APPLY_MAX_DELTAS {
+                        let next = tokio::select! {
+                            biased;
+                            next = frames.message() => next,
+                            () = std::future::ready(()) => break,
+                        };
+                        let Some(next) = next.map_err(|s| self.stream_failed(&s))? else {
+                            // Ended: what was taken in is fetched again on
+                            // the next connection.
+                            return Ok(());
+                        };
+                        last_frame = tokio::time::Instant::now();
+                        self.observe(next.sender_hlc)?;
+                        let size = prost::Message::encoded_len(&next) as u64;
+                        match next.body {
+                            Some(pb::provider_frame::Body::Deltas(batch))
+                                if count + batch.deltas.len() <= APPLY_MAX_DELTAS =>
+                            {
+                                count += batch.deltas.len();
+                                bytes += size;
+                                batches.push(batch);
+                            }
+                            body => {
+                                held = Some(pb::ProviderFrame { body, ..next });
+                                break;
+                            }
+                        }
+                    }
+                    applier.apply_deltas(batches, bytes).await
+                }
+                body => applier.apply(pb::ProviderFrame { body, ..frame }).await,
+            };
+            match applied {
+                Ok(true) => acks.due(store.version_vector().map_err(|e| e.to_string())?),
+                Ok(false) => {}
                 Err(ApplyError::Refused(why)) => {
                     return Err(format!("refused the peer's data: {why}"))
                 }
                 Err(ApplyError::Local(why)) => {
                     return Err(format!("cannot apply the peer's data: {why}"))
                 }
-            };
-            if ack {
-                let ack = applier.ack().map_err(|e| match e {
-                    ApplyError::Refused(why) | ApplyError::Local(why) => why,
-                })?;
-                tx.send(ack)
-                    .await
-                    .map_err(|_| "the outbound queue closed".to_string())?;
             }
         }
+    }
+
+    /// Describes a failed stream; counts a frame over the message limit,
+    /// which tonic's decoder refuses before we see it, as the peer's fault.
+    fn stream_failed(&self, s: &tonic::Status) -> String {
+        if s.code() == tonic::Code::OutOfRange && s.message().contains("too large") {
+            self.peers.refused_by_index(self.index, Refusal::BadBatch);
+        }
+        status_text("stream ended", s)
     }
 
     /// A frame to the peer, stamped with this node's clock.
@@ -324,6 +372,77 @@ impl Link {
             }
             Err(e) => Err(e.to_string()),
         }
+    }
+}
+
+/// A flush under way and the vector it makes acknowledgeable.
+type Flushing = Pin<Box<dyn Future<Output = Result<VersionVector, String>> + Send>>;
+
+/// Acknowledgements of one link. An ack may name only what is durable
+/// here, yet waiting for each batch's flush before reading the next would
+/// put a disk flush between every two batches: replication lag would be
+/// queueing behind flushes. So batches are applied as they come, and at
+/// most one flush per link is under way: when it ends, the vector read
+/// before it began is acknowledged, and the newest vector that became due
+/// meanwhile starts the next one.
+struct Acks {
+    store: Arc<Store>,
+    /// The vector of the last ack sent.
+    sent: VersionVector,
+    flushing: Option<Flushing>,
+    /// The newest vector due for an ack while a flush was under way.
+    waiting: Option<VersionVector>,
+}
+
+impl Acks {
+    fn new(store: Arc<Store>) -> Self {
+        Acks {
+            store,
+            sent: VersionVector::new(),
+            flushing: None,
+            waiting: None,
+        }
+    }
+
+    /// Asks for `applied` (read from the store) to be acknowledged once
+    /// durable.
+    fn due(&mut self, applied: VersionVector) {
+        if applied == self.sent {
+            return;
+        }
+        if self.flushing.is_some() {
+            self.waiting = Some(applied);
+        } else {
+            self.start(applied);
+        }
+    }
+
+    fn start(&mut self, applied: VersionVector) {
+        let store = self.store.clone();
+        self.flushing = Some(Box::pin(async move {
+            // Everything committed before this call is durable after it,
+            // and `applied` was read before it.
+            store.sync().await.map_err(|e| e.to_string())?;
+            Ok(applied)
+        }));
+    }
+
+    /// Waits for the flush under way (forever when there is none) and
+    /// returns the vector to acknowledge.
+    async fn flushed(&mut self) -> Result<VersionVector, String> {
+        let Some(flushing) = self.flushing.as_mut() else {
+            return std::future::pending().await;
+        };
+        let result = flushing.await;
+        self.flushing = None;
+        let applied = result?;
+        self.sent = applied.clone();
+        if let Some(next) = self.waiting.take() {
+            if next != self.sent {
+                self.start(next);
+            }
+        }
+        Ok(applied)
     }
 }
 

@@ -38,6 +38,10 @@ use crate::subscribe::Appended;
 /// Most deltas in one batch.
 pub const BATCH_MAX_DELTAS: usize = 1024;
 
+/// Most deltas a subscriber applies in one transaction: the batches that
+/// arrived while it applied the previous ones are applied together.
+pub const APPLY_MAX_DELTAS: usize = 4 * BATCH_MAX_DELTAS;
+
 /// About the most bytes of encoded deltas in one batch (a single larger
 /// delta, up to the `max_delta_bytes` limit, travels alone).
 pub const BATCH_MAX_BYTES: usize = 1 << 20;
@@ -138,7 +142,7 @@ impl Provider {
                         biased;
                         frame = inbound.message() => {
                             last_inbound = tokio::time::Instant::now();
-                            if !self.inbound(frame)? {
+                            if !self.inbound(frame).await? {
                                 return Ok(());
                             }
                         }
@@ -163,7 +167,7 @@ impl Provider {
                 }
                 frame = inbound.message() => {
                     last_inbound = tokio::time::Instant::now();
-                    if !self.inbound(frame)? {
+                    if !self.inbound(frame).await? {
                         return Ok(());
                     }
                 }
@@ -186,7 +190,7 @@ impl Provider {
     }
 
     /// Handles one frame from the subscriber; false when it has left.
-    fn inbound(
+    async fn inbound(
         &mut self,
         frame: Result<Option<pb::SubscriberFrame>, Status>,
     ) -> Result<bool, Status> {
@@ -211,10 +215,7 @@ impl Provider {
                 let acked: VersionVector = ack.applied.unwrap_or_default().into();
                 self.sent.merge(&acked);
                 let peer = ReplicaId(self.peers.config(self.index).replica_id);
-                self.engine
-                    .store()
-                    .set_peer_ack(peer, &acked)
-                    .map_err(NodeError::from)?;
+                blocking(&self.engine, move |store| store.set_peer_ack(peer, &acked)).await?;
             }
             Some(pb::subscriber_frame::Body::Interest(interest)) => {
                 self.origins = origins(&interest.origins);
@@ -465,112 +466,105 @@ impl Applier {
         ApplyError::Refused(message)
     }
 
-    /// An ack of everything applied here.
-    pub(crate) fn ack(&self) -> Result<pb::SubscriberFrame, ApplyError> {
-        let applied = self
-            .engine
-            .store()
-            .version_vector()
-            .map_err(NodeError::from)?;
-        Ok(pb::SubscriberFrame {
-            sender_hlc: self.engine.clock().now().map_err(NodeError::from)?.as_u64(),
-            body: Some(pb::subscriber_frame::Body::Ack(pb::Ack {
-                applied: Some((&applied).into()),
-            })),
+    /// Applies delta batches (their frames' clocks already observed) in
+    /// one transaction; returns whether an ack is due once that is durable.
+    pub(crate) async fn apply_deltas(
+        &mut self,
+        batches: Vec<pb::DeltaBatch>,
+        bytes: u64,
+    ) -> Result<bool, ApplyError> {
+        if self.snapshot.is_some() {
+            return Err(self.refuse(
+                Refusal::BadBatch,
+                "deltas in the middle of a snapshot".into(),
+            ));
+        }
+        let limits = self.engine.store().limits().clone();
+        let mut deltas = Vec::new();
+        let mut newest = Hlc::ZERO;
+        for batch in batches {
+            let count = batch.deltas.len();
+            if count > BATCH_MAX_DELTAS {
+                return Err(self.refuse(
+                    Refusal::BadBatch,
+                    format!("a batch of {count} deltas; at most {BATCH_MAX_DELTAS}"),
+                ));
+            }
+            for d in batch.deltas {
+                let d = delta_from_proto(d, &limits).map_err(|e| {
+                    self.refuse(Refusal::BadBatch, format!("undecodable delta: {e}"))
+                })?;
+                newest = newest.max(d.hlc);
+                deltas.push(d);
+            }
+        }
+        let clock = self.engine.clock();
+        clock
+            .observe(newest)
+            .map_err(|e| self.refuse(Refusal::ClockDrift, format!("a delta's clock: {e}")))?;
+        let hwm = clock.last();
+        let applied = blocking(&self.engine, move |store| {
+            store
+                .apply_remote(&deltas, hwm)
+                .map(|report| (report, deltas))
         })
+        .await;
+        let (report, deltas) = match applied {
+            Ok(applied) => applied,
+            Err(NodeError::Store(
+                e @ (StoreError::Gap { .. }
+                | StoreError::OwnDeltaAhead { .. }
+                | StoreError::Core(_)),
+            )) => {
+                return Err(self.refuse(Refusal::BadBatch, format!("batch refused: {e}")));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Forwarding and showing these deltas need not wait for this
+        // region's flush: their origin already has them durably, and a
+        // crash here only means fetching them again. Only the ack waits.
+        self.peers
+            .received(self.index, report.applied as u64, bytes);
+        if report.applied > 0 {
+            self.engine.notify_changed();
+        }
+        // How late the newest fresh delta arrived: its origin's
+        // clock against ours (skew between hosts adds to it).
+        if let Some(newest) = report.fresh.iter().map(|&i| deltas[i].hlc).max() {
+            let age = self.engine.clock().physical_unix_ms() - newest.unix_ms();
+            let age = u64::try_from(age).unwrap_or(0);
+            self.peers.delay(self.index, age);
+        }
+        // Entries appended elsewhere reach this region's stream
+        // subscribers too, once each (duplicates were not applied).
+        for &i in &report.fresh {
+            let d = &deltas[i];
+            if let Op::Stream(StreamOp::Append { fields }) = &d.op {
+                self.engine.subscriptions().publish(Appended {
+                    keyspace: KeyspaceId {
+                        name: d.keyspace.clone(),
+                        ty: CrdtType::Stream,
+                    },
+                    key: d.key.clone(),
+                    entry: StreamEntry {
+                        id: StreamId::new(d.hlc, d.origin),
+                        fields: fields.clone(),
+                    },
+                });
+            }
+        }
+        // The link acknowledges once this is durable, without holding up
+        // the next batches meanwhile.
+        Ok(true)
     }
 
-    /// Applies one frame (its clock already observed); returns whether to
-    /// acknowledge.
+    /// Applies one frame (its clock already observed); returns whether it
+    /// changed what this node holds, so an ack is due once that is durable.
     pub(crate) async fn apply(&mut self, frame: pb::ProviderFrame) -> Result<bool, ApplyError> {
         let bytes = prost::Message::encoded_len(&frame) as u64;
         match frame.body {
             Some(pb::provider_frame::Body::Deltas(batch)) => {
-                if self.snapshot.is_some() {
-                    return Err(self.refuse(
-                        Refusal::BadBatch,
-                        "deltas in the middle of a snapshot".into(),
-                    ));
-                }
-                let limits = self.engine.store().limits().clone();
-                let count = batch.deltas.len();
-                if count > BATCH_MAX_DELTAS {
-                    return Err(self.refuse(
-                        Refusal::BadBatch,
-                        format!("a batch of {count} deltas; at most {BATCH_MAX_DELTAS}"),
-                    ));
-                }
-                let mut deltas = Vec::with_capacity(count);
-                let mut newest = Hlc::ZERO;
-                for d in batch.deltas {
-                    let d = delta_from_proto(d, &limits).map_err(|e| {
-                        self.refuse(Refusal::BadBatch, format!("undecodable delta: {e}"))
-                    })?;
-                    newest = newest.max(d.hlc);
-                    deltas.push(d);
-                }
-                let clock = self.engine.clock();
-                clock.observe(newest).map_err(|e| {
-                    self.refuse(Refusal::ClockDrift, format!("a delta's clock: {e}"))
-                })?;
-                let hwm = clock.last();
-                let applied = blocking(&self.engine, move |store| {
-                    store
-                        .apply_remote(&deltas, hwm)
-                        .map(|report| (report, deltas))
-                })
-                .await;
-                let (report, deltas) = match applied {
-                    Ok(applied) => applied,
-                    Err(NodeError::Store(
-                        e @ (StoreError::Gap { .. }
-                        | StoreError::OwnDeltaAhead { .. }
-                        | StoreError::Core(_)),
-                    )) => {
-                        return Err(self.refuse(Refusal::BadBatch, format!("batch refused: {e}")));
-                    }
-                    Err(e) => return Err(e.into()),
-                };
-                // Forwarding and showing these deltas need not wait for
-                // this region's flush: their origin already has them
-                // durably, and a crash here only means fetching them again.
-                // Only the ack below must wait.
-                self.peers
-                    .received(self.index, report.applied as u64, bytes);
-                if report.applied > 0 {
-                    self.engine.notify_changed();
-                }
-                // How late the newest fresh delta arrived: its origin's
-                // clock against ours (skew between hosts adds to it).
-                if let Some(newest) = report.fresh.iter().map(|&i| deltas[i].hlc).max() {
-                    let age = self.engine.clock().physical_unix_ms() - newest.unix_ms();
-                    let age = u64::try_from(age).unwrap_or(0);
-                    self.peers.delay(self.index, age);
-                }
-                // Entries appended elsewhere reach this region's stream
-                // subscribers too, once each (duplicates were not applied).
-                for &i in &report.fresh {
-                    let d = &deltas[i];
-                    if let Op::Stream(StreamOp::Append { fields }) = &d.op {
-                        self.engine.subscriptions().publish(Appended {
-                            keyspace: KeyspaceId {
-                                name: d.keyspace.clone(),
-                                ty: CrdtType::Stream,
-                            },
-                            key: d.key.clone(),
-                            entry: StreamEntry {
-                                id: StreamId::new(d.hlc, d.origin),
-                                fields: fields.clone(),
-                            },
-                        });
-                    }
-                }
-                self.engine
-                    .store()
-                    .durable_apply(&report)
-                    .await
-                    .map_err(NodeError::from)?;
-                Ok(true)
+                self.apply_deltas(vec![batch], bytes).await
             }
             Some(pb::provider_frame::Body::SnapshotBegin(begin)) => {
                 let covers: VersionVector = begin.covers.unwrap_or_default().into();

@@ -77,6 +77,11 @@ impl GroupCommit {
         self.committed.fetch_add(1, Ordering::SeqCst) + 1
     }
 
+    /// The highest commit number handed out so far.
+    pub(crate) fn last_committed(&self) -> u64 {
+        self.committed.load(Ordering::SeqCst)
+    }
+
     /// Number of flushes done by waiters so far.
     pub(crate) fn flushes(&self) -> u64 {
         self.flushes.load(Ordering::Relaxed)

@@ -380,6 +380,12 @@ impl Store {
                 Ok(())
             })
             .map_err(from_tx)?;
+        {
+            let mut applied = self.lock_applied();
+            for &(origin, seq) in &advanced {
+                applied.advance(origin, seq);
+            }
+        }
         if let Some(&(_, seq)) = advanced.iter().find(|(origin, _)| *origin == me) {
             tracing::warn!(
                 local = w.next_seq - 1,

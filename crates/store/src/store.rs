@@ -167,6 +167,14 @@ pub struct Store {
     /// Serializes every mutation; holds the next local sequence number
     /// and what each origin's log holds.
     writer: Mutex<Writer>,
+    /// The `vv` tree as committed, kept in memory: raised after each
+    /// commit that raises the tree, under the writer lock, and after that
+    /// commit got its number, so whoever sees an entry here and then calls
+    /// [`Store::sync`] waits for the flush that covers it. Readers take
+    /// only this lock, never sled's: a sled transaction excludes every
+    /// other sled operation while it runs, and the peer links and
+    /// providers read the vector on async workers after every batch.
+    applied: Mutex<VersionVector>,
     pub(crate) group: GroupCommit,
     /// Set when a trim left rows below a watermark to delete.
     pub(crate) sweep_pending: AtomicBool,
@@ -301,12 +309,15 @@ impl Store {
                 next_seq: 0,
                 logs: BTreeMap::new(),
             }),
+            applied: Mutex::new(VersionVector::new()),
             group: GroupCommit::new(),
             sweep_pending: AtomicBool::new(false),
             sweeper: Mutex::new(()),
             cap_removed: AtomicU64::new(0),
         };
-        let last = store.version_vector()?.get(store.identity.replica);
+        let applied = store.read_version_vector()?;
+        let last = applied.get(store.identity.replica);
+        *store.lock_applied() = applied;
         store.check_own_log(last)?;
         let logs = store.measure_logs()?;
         let sweeps = store.pending_sweeps()?;
@@ -411,9 +422,10 @@ impl Store {
 
     /// Waits until everything committed so far is durable (in `group`
     /// mode): afterwards the version vector read before the call may be
-    /// acknowledged upstream.
+    /// acknowledged upstream. Flushes only when something committed is not
+    /// durable yet.
     pub async fn sync(&self) -> Result<()> {
-        self.wait_commit(Some(self.group.committed())).await
+        self.wait_commit(Some(self.group.last_committed())).await
     }
 
     /// Waits until an applied remote batch is durable (in `group` mode), so
@@ -478,13 +490,15 @@ impl Store {
                 Ok(())
             })
             .map_err(from_tx)?;
+        let commit = self.group.committed();
+        self.lock_applied().advance(delta.origin, seq);
         w.next_seq = seq + 1;
         let logged = bytes.len() as u64;
         self.account_log(&mut w, self.identity.replica, 1, logged);
         drop(w);
         let receipt = WriteReceipt {
             results: Vec::new(),
-            commit: Some(self.group.committed()),
+            commit: Some(commit),
             last_seq: seq,
         };
         let view = self
@@ -613,8 +627,11 @@ impl Store {
             })
             .map_err(from_tx)?;
         let wrote = last_seq >= first_seq;
-        w.next_seq = last_seq + 1;
         let commit = wrote.then(|| self.group.committed());
+        if wrote {
+            self.lock_applied().advance(me, last_seq);
+        }
+        w.next_seq = last_seq + 1;
         if wrote {
             self.account_log(&mut w, me, last_seq + 1 - first_seq, logged);
         }
@@ -745,6 +762,12 @@ impl Store {
             })
             .map_err(from_tx)?;
         let commit = (report.applied > 0).then(|| self.group.committed());
+        {
+            let mut applied = self.lock_applied();
+            for &i in &report.fresh {
+                applied.advance(deltas[i].origin, deltas[i].seq);
+            }
+        }
         for (origin, (entries, bytes)) in logged {
             self.account_log(&mut w, origin, entries, bytes);
         }
@@ -883,14 +906,21 @@ impl Store {
 
     /// The highest seq of `origin` this region has applied.
     pub fn applied(&self, origin: ReplicaId) -> Result<u64> {
-        match self.t.vv.get(layout::replica_key(origin))? {
-            None => Ok(0),
-            Some(v) => layout::parse_u64("vv entry", &v),
-        }
+        Ok(self.lock_applied().get(origin))
     }
 
-    /// What this region has applied, per origin.
+    /// What this region has applied, per origin. Read from memory: it
+    /// never waits for a running transaction.
     pub fn version_vector(&self) -> Result<VersionVector> {
+        Ok(self.lock_applied().clone())
+    }
+
+    pub(crate) fn lock_applied(&self) -> std::sync::MutexGuard<'_, VersionVector> {
+        self.applied.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The `vv` tree as stored.
+    fn read_version_vector(&self) -> Result<VersionVector> {
         let mut vv = VersionVector::new();
         for item in self.t.vv.iter() {
             let (k, v) = item?;
