@@ -203,6 +203,36 @@ async fn a_good_batch_from_the_same_fake_is_applied() {
 }
 
 #[tokio::test]
+async fn batches_arriving_together_are_all_applied_once() {
+    // Six full frames back to back, with a heartbeat among them: more
+    // than one transaction's worth, so the link applies several frames
+    // together, holds back the frame that does not fit, and the heartbeat
+    // in between, and must still apply every delta exactly once.
+    let per_frame = 1000u64;
+    let mut frames = Vec::new();
+    for f in 0..6 {
+        if f == 3 {
+            frames.push(pb::ProviderFrame {
+                sender_hlc: hlc_at(0),
+                body: Some(pb::provider_frame::Body::Heartbeat(pb::Heartbeat {
+                    applied: None,
+                    wall_unix_ms: 0,
+                })),
+            });
+        }
+        let deltas = (f * per_frame + 1..=(f + 1) * per_frame)
+            .map(|seq| declare(seq, &format!("k{seq}")))
+            .collect();
+        frames.push(batch(hlc_at(0), deltas));
+    }
+    assert!(6 * per_frame as usize > concord_node::replicate::APPLY_MAX_DELTAS);
+    let (peer, applied, _) = against(frames, |p| p.deltas_received >= 6 * per_frame).await;
+    assert_eq!(applied, 6 * per_frame);
+    assert_eq!(peer.deltas_received, 6 * per_frame, "{peer:?}");
+    assert_eq!(peer.refused_bad_batch + peer.refused_clock_drift, 0);
+}
+
+#[tokio::test]
 async fn a_batch_over_the_delta_limit_is_refused() {
     let deltas = (1..=concord_node::replicate::BATCH_MAX_DELTAS as u64 + 1)
         .map(|seq| declare(seq, &format!("k{seq}")))
