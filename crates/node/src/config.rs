@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use concord_core::limits::Limits;
 use concord_core::CrdtType;
-use concord_store::{Durability, StoreOptions};
+use concord_store::{Durability, Offload, StoreOptions};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -338,6 +338,7 @@ impl Config {
             cache_capacity_bytes: self.storage.cache_capacity_bytes,
             limits: self.limits.clone(),
             max_log_bytes_per_origin: self.storage.max_log_bytes_per_origin,
+            offload: Offload::Pool,
         }
     }
 

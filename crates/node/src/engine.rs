@@ -100,14 +100,17 @@ impl Engine {
         &self.clock
     }
 
-    /// Runs store work off the async workers: it takes the store's writer
+    /// Runs store work where the store's [`Offload`](concord_store::Offload)
+    /// says (off the async workers by default): it takes the store's writer
     /// lock and does disk I/O.
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Store, &Clock) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let (store, clock) = (self.store.clone(), self.clock.clone());
-        tokio::task::spawn_blocking(move || f(&store, &clock))
+        self.store
+            .offload()
+            .run(move || f(&store, &clock))
             .await
             .map_err(|e| NodeError::Unavailable(format!("store task failed: {e}")))?
     }

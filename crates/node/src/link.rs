@@ -88,6 +88,7 @@ impl Link {
         loop {
             let started = tokio::time::Instant::now();
             let ended = tokio::select! {
+                biased;
                 _ = stop.wait_for(|stop| *stop) => return,
                 ended = self.session(&mut announced) => ended,
             };
@@ -108,6 +109,7 @@ impl Link {
             }
             last_failure = Some(failure);
             tokio::select! {
+                biased;
                 _ = stop.wait_for(|stop| *stop) => return,
                 () = tokio::time::sleep(backoff) => {}
             }
@@ -221,23 +223,12 @@ impl Link {
             let silent_until = last_frame + SILENCE_TIMEOUT;
             let frame = match held.take() {
                 Some(frame) => Some(frame),
+                // Biased, in a fixed order, so that the same events always
+                // take the same branch (the simulator replays runs
+                // exactly); the rare events go first so a busy stream
+                // never starves acknowledgements or heartbeats.
                 None => tokio::select! {
-                frame = frames.message() => {
-                    last_frame = tokio::time::Instant::now();
-                    let frame = frame.map_err(|s| self.stream_failed(&s))?;
-                    if let Some(frame) = &frame {
-                        self.observe(frame.sender_hlc)?;
-                    }
-                    frame
-                }
-                _ = reachability.changed() => continue,
-                () = tokio::time::sleep_until(silent_until) => {
-                    return Err(format!(
-                        "nothing from the peer for {} s (heartbeats are every {} s)",
-                        SILENCE_TIMEOUT.as_secs(),
-                        HEARTBEAT.as_secs()
-                    ));
-                }
+                biased;
                 durable = acks.flushed() => {
                     let applied = durable?;
                     let frame = self.frame(pb::subscriber_frame::Body::Ack(pb::Ack {
@@ -258,6 +249,22 @@ impl Link {
                     }))?;
                     tx.send(frame).await.map_err(|_| "the outbound queue closed".to_string())?;
                     continue;
+                }
+                _ = reachability.changed() => continue,
+                () = tokio::time::sleep_until(silent_until) => {
+                    return Err(format!(
+                        "nothing from the peer for {} s (heartbeats are every {} s)",
+                        SILENCE_TIMEOUT.as_secs(),
+                        HEARTBEAT.as_secs()
+                    ));
+                }
+                frame = frames.message() => {
+                    last_frame = tokio::time::Instant::now();
+                    let frame = frame.map_err(|s| self.stream_failed(&s))?;
+                    if let Some(frame) = &frame {
+                        self.observe(frame.sender_hlc)?;
+                    }
+                    frame
                 }
                 },
             };

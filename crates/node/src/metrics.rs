@@ -60,23 +60,26 @@ pub async fn refresh_gauges(engine: Engine, stop: impl Future<Output = ()>) {
     tokio::pin!(stop);
     loop {
         tokio::select! {
+            biased;
             () = &mut stop => return,
             _ = tick.tick() => {}
         }
         let store = engine.store().clone();
-        let read = tokio::task::spawn_blocking(move || {
-            let vv = store.version_vector()?;
-            let logs = store.log_stats()?;
-            let catalog = store.catalog()?;
-            Ok::<_, concord_store::StoreError>((
-                vv,
-                logs,
-                catalog,
-                store.cap_removed(),
-                store.flush_count(),
-            ))
-        })
-        .await;
+        let read = store
+            .offload()
+            .run(move || {
+                let vv = store.version_vector()?;
+                let logs = store.log_stats()?;
+                let catalog = store.catalog()?;
+                Ok::<_, concord_store::StoreError>((
+                    vv,
+                    logs,
+                    catalog,
+                    store.cap_removed(),
+                    store.flush_count(),
+                ))
+            })
+            .await;
         let (vv, logs, catalog, cap_removed, flushes) = match read {
             Ok(Ok(read)) => read,
             Ok(Err(e)) => {

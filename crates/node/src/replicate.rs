@@ -66,13 +66,15 @@ fn now_unix_ms(engine: &Engine) -> u64 {
     u64::try_from(engine.clock().physical_unix_ms()).unwrap_or(0)
 }
 
-/// Runs blocking store work off the async workers.
+/// Runs blocking store work where the store's offload mode says.
 async fn blocking<T: Send + 'static>(
     engine: &Engine,
     f: impl FnOnce(&concord_store::Store) -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, NodeError> {
     let store = engine.store().clone();
-    tokio::task::spawn_blocking(move || f(&store))
+    let offload = store.offload();
+    offload
+        .run(move || f(&store))
         .await
         .map_err(|e| NodeError::Unavailable(format!("store task failed: {e}")))?
         .map_err(NodeError::from)
@@ -156,26 +158,19 @@ impl Provider {
                 }
                 Pending::Nothing => {}
             }
+            // Biased, in a fixed order, so that the same events always take
+            // the same branch (the simulator replays runs exactly); the
+            // rare events go first so a busy log never starves them.
             tokio::select! {
+                biased;
                 () = async { let _ = stopping.wait_for(|stopping| *stopping).await; } => {
                     return Err(Status::unavailable("the node is shutting down"));
-                }
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        return Ok(());
-                    }
                 }
                 frame = inbound.message() => {
                     last_inbound = tokio::time::Instant::now();
                     if !self.inbound(frame).await? {
                         return Ok(());
                     }
-                }
-                () = tokio::time::sleep_until(last_inbound + SILENCE_TIMEOUT) => {
-                    return Err(Status::unavailable(format!(
-                        "nothing from the subscriber for {} s",
-                        SILENCE_TIMEOUT.as_secs()
-                    )));
                 }
                 _ = heartbeat.tick() => {
                     let applied = self.engine.store().version_vector().map_err(NodeError::from)?;
@@ -184,6 +179,17 @@ impl Provider {
                         wall_unix_ms: now_unix_ms(&self.engine),
                     };
                     send(tx, self.frame(pb::provider_frame::Body::Heartbeat(beat))?).await?;
+                }
+                () = tokio::time::sleep_until(last_inbound + SILENCE_TIMEOUT) => {
+                    return Err(Status::unavailable(format!(
+                        "nothing from the subscriber for {} s",
+                        SILENCE_TIMEOUT.as_secs()
+                    )));
+                }
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
                 }
             }
         }

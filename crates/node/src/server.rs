@@ -14,7 +14,7 @@ use concord_core::clock::PhysicalTime;
 use concord_core::{Clock, ReplicaId};
 use concord_proto::v1::concord_server::ConcordServer;
 use concord_proto::v1::replication_server::ReplicationServer;
-use concord_store::{Identity, Store};
+use concord_store::{Identity, Offload, Store, StoreOptions};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio_stream::Stream;
@@ -55,26 +55,42 @@ pub struct Node {
 impl Node {
     /// Opens the region's store under `config.data_dir` (created if
     /// missing), starts its clock on `time`, and declares the configured
-    /// keyspaces.
+    /// keyspaces. Blocking store work runs on tokio's blocking pool.
     pub async fn open(config: Config, time: impl PhysicalTime) -> Result<Node> {
+        Node::open_with(config, time, Offload::Pool).await
+    }
+
+    /// [`Node::open`], with blocking store work run where `offload` says:
+    /// [`Offload::Inline`] keeps every step of the node on the calling
+    /// thread, which a deterministic single-threaded runtime (the
+    /// simulator) needs.
+    pub async fn open_with(
+        config: Config,
+        time: impl PhysicalTime,
+        offload: Offload,
+    ) -> Result<Node> {
         config.validate()?;
         let dir = config.data_dir.clone();
         let identity = Identity {
             region: config.region.clone(),
             replica: ReplicaId(config.replica_id),
         };
-        let options = config.store_options();
-        let store = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                NodeError::Serve(format!(
-                    "cannot create the data directory {}: {e}",
-                    dir.display()
-                ))
-            })?;
-            Ok::<_, NodeError>(Store::open(&dir, identity, options)?)
-        })
-        .await
-        .map_err(|e| NodeError::Serve(format!("opening the store failed: {e}")))??;
+        let options = StoreOptions {
+            offload,
+            ..config.store_options()
+        };
+        let store = offload
+            .run(move || {
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    NodeError::Serve(format!(
+                        "cannot create the data directory {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+                Ok::<_, NodeError>(Store::open(&dir, identity, options)?)
+            })
+            .await
+            .map_err(|e| NodeError::Serve(format!("opening the store failed: {e}")))??;
         let clock = Clock::new(time, config.max_drift_ms, store.hlc_high_water()?)?;
         let engine = Engine::new(Arc::new(store), Arc::new(clock));
         for ks in &config.keyspaces {
@@ -182,6 +198,7 @@ impl Node {
             .add_service(peer)
             .serve_with_incoming_shutdown(incoming, graceful);
         let served = tokio::select! {
+            biased;
             served = server => served.map_err(|e| NodeError::Serve(format!("serving failed: {e}"))),
             () = async {
                 wait_for(stopping).await;
@@ -194,7 +211,9 @@ impl Node {
         gauges.abort();
         truncation.abort();
         let store = engine.store().clone();
-        let flushed = tokio::task::spawn_blocking(move || store.flush())
+        let flushed = store
+            .offload()
+            .run(move || store.flush())
             .await
             .map_err(|e| NodeError::Serve(format!("the final flush failed: {e}")))?;
         flushed?;
@@ -219,29 +238,32 @@ async fn truncate_acked(engine: Engine, peers: Peers, stop: impl Future<Output =
     tokio::pin!(stop);
     loop {
         tokio::select! {
+            biased;
             () = &mut stop => return,
             _ = tick.tick() => {}
         }
         let store = engine.store().clone();
         let replicas = peers.replica_ids();
-        let done = tokio::task::spawn_blocking(move || {
-            let acks = store.peer_acks()?;
-            let mut below: Option<concord_core::VersionVector> = None;
-            for replica in replicas {
-                let Some(acked) = acks.get(&ReplicaId(replica)) else {
-                    return Ok(None);
-                };
-                below = Some(match below {
-                    None => acked.clone(),
-                    Some(b) => b.meet(acked),
-                });
-            }
-            match below {
-                Some(below) => store.truncate_logs(&below).map(Some),
-                None => Ok(None),
-            }
-        })
-        .await;
+        let done = store
+            .offload()
+            .run(move || {
+                let acks = store.peer_acks()?;
+                let mut below: Option<concord_core::VersionVector> = None;
+                for replica in replicas {
+                    let Some(acked) = acks.get(&ReplicaId(replica)) else {
+                        return Ok(None);
+                    };
+                    below = Some(match below {
+                        None => acked.clone(),
+                        Some(b) => b.meet(acked),
+                    });
+                }
+                match below {
+                    Some(below) => store.truncate_logs(&below).map(Some),
+                    None => Ok(None),
+                }
+            })
+            .await;
         match done {
             Ok(Ok(Some(report))) if report.entries > 0 => {
                 tracing::debug!(

@@ -110,6 +110,7 @@ impl Subscriptions {
         let feed = feed(store, keyspace, key, after, live, out);
         tokio::spawn(async move {
             tokio::select! {
+                biased;
                 _ = closed.wait_for(|closed| *closed) => {
                     // Best effort: a full queue just ends the stream.
                     let _ = goodbye.try_send(Err(Status::unavailable(
@@ -143,10 +144,10 @@ async fn feed(
         let mut from = successor(after);
         loop {
             let (s, ks, k) = (store.clone(), keyspace.clone(), key.clone());
-            let page = tokio::task::spawn_blocking(move || {
-                s.stream_range(&ks, &k, from, StreamId::MAX, BACKLOG_PAGE_ENTRIES)
-            })
-            .await;
+            let page = s
+                .offload()
+                .run(move || s.stream_range(&ks, &k, from, StreamId::MAX, BACKLOG_PAGE_ENTRIES))
+                .await;
             let page = match page {
                 Ok(Ok(page)) => page,
                 Ok(Err(e)) => {

@@ -3,12 +3,10 @@
 //! a clear cause on the peer's status, nothing of it is applied, and the
 //! node keeps serving its clients.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime as StdTime, UNIX_EPOCH};
 
 use concord_core::Hlc;
-use concord_node::Connector;
 use concord_proto::v1 as pb;
 use concord_proto::v1::replication_server::{Replication, ReplicationServer};
 use tokio_stream::wrappers::ReceiverStream;
@@ -248,17 +246,7 @@ async fn a_peer_that_falls_silent_is_given_up_and_dialled_again() {
     // heartbeats): the link must notice within the silence timeout and
     // reconnect, not wait on the stream forever.
     let addr = fake(Vec::new()).await;
-    let dials = Arc::new(AtomicUsize::new(0));
-    let counted = dials.clone();
-    let connector = Connector::new(move |uri: tonic::codegen::http::Uri| {
-        counted.fetch_add(1, Ordering::SeqCst);
-        let addr = format!(
-            "{}:{}",
-            uri.host().unwrap_or_default(),
-            uri.port_u16().unwrap_or(80)
-        );
-        async move { tokio::net::TcpStream::connect(addr).await }
-    });
+    let (connector, dials) = common::counting_connector();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -196,17 +196,7 @@ async fn pair(
         },
     ));
 
-    let dials = Arc::new(AtomicUsize::new(0));
-    let counted = dials.clone();
-    let connector = Connector::new(move |uri: tonic::codegen::http::Uri| {
-        counted.fetch_add(1, Ordering::SeqCst);
-        let addr = format!(
-            "{}:{}",
-            uri.host().unwrap_or_default(),
-            uri.port_u16().unwrap_or(80)
-        );
-        async move { tokio::net::TcpStream::connect(addr).await }
-    });
+    let (connector, dials) = common::counting_connector();
     let a = common::serve_on(
         a_listener,
         &format!("[[peers]]\nregion = \"eu-west\"\nreplica_id = 2\nendpoint = \"http://{b_addr}\""),

@@ -10,7 +10,8 @@
 //! there is no background thread of ours: the scheme runs on whatever tokio
 //! runtime the caller uses, the simulator's included.
 //!
-//! The leader runs sled's synchronous `flush` on tokio's blocking pool, not
+//! The leader runs sled's synchronous `flush` where the store's
+//! [`Offload`] says (tokio's blocking pool by default), not
 //! `flush_async`: sled 0.34's `flush_async` can deadlock when several are
 //! in flight at once (spacejam/sled#1308, fixed only on its unreleased main
 //! branch). This crate's write benchmark reproduces that deadlock with raw
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex, MutexGuard};
 
 use crate::error::{Result, StoreError};
+use crate::offload::Offload;
 
 /// When a write is acknowledged.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,7 +90,7 @@ impl GroupCommit {
     }
 
     /// Waits until commit `n` is durable, flushing `db` if no one else is.
-    pub(crate) async fn wait(&self, db: &sled::Db, n: u64) -> Result<()> {
+    pub(crate) async fn wait(&self, db: &sled::Db, n: u64, offload: Offload) -> Result<()> {
         let mut rx = self.durable.subscribe();
         loop {
             if *rx.borrow_and_update() >= n {
@@ -102,13 +104,9 @@ impl GroupCommit {
                     };
                     let target = self.committed.load(Ordering::SeqCst);
                     let db = db.clone();
-                    tokio::task::spawn_blocking(move || db.flush())
-                        .await
-                        .map_err(|e| {
-                            StoreError::Sled(sled::Error::Io(std::io::Error::other(format!(
-                                "flush task failed: {e}"
-                            ))))
-                        })??;
+                    offload.run(move || db.flush()).await.map_err(|e| {
+                        StoreError::Sled(sled::Error::Io(std::io::Error::other(e.to_string())))
+                    })??;
                     self.flushes.fetch_add(1, Ordering::Relaxed);
                     self.durable.send_modify(|d| *d = (*d).max(target));
                 }

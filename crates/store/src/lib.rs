@@ -8,6 +8,8 @@
 //!   that concurrent writes share (`group`), or before it (`relaxed`).
 //! - [`logs`]: bounded growth: log truncation below a vector, the
 //!   per-origin log size cap, and the sweep of trimmed stream rows.
+//! - [`offload`]: where blocking work runs: tokio's blocking pool, or
+//!   inline on a deterministic single-threaded runtime.
 //! - [`snapshot`]: chunked export of the whole state and its import by
 //!   CvRDT merge, for catch-up.
 //! - [`StoreError`]: the crate's one error type.
@@ -23,11 +25,13 @@ pub mod durability;
 mod error;
 pub mod layout;
 pub mod logs;
+pub mod offload;
 pub mod snapshot;
 mod store;
 
 pub use durability::Durability;
 pub use error::{Result, StoreError};
 pub use logs::{LogStats, TruncateReport};
+pub use offload::{Offload, OffloadFailed};
 pub use snapshot::{Declaration, ImportReport, SnapshotChunk, SnapshotCursor, SnapshotValue};
 pub use store::{ApplyReport, Identity, Item, ItemResult, Store, StoreOptions, WriteReceipt};

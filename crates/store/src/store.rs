@@ -18,6 +18,7 @@ use sled::Transactional;
 use crate::durability::{Durability, GroupCommit};
 use crate::error::{Result, StoreError};
 use crate::layout::{self, meta, trees, FORMAT_VERSION};
+use crate::offload::Offload;
 
 /// Who a data directory belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +44,9 @@ pub struct StoreOptions {
     /// when it is over, acknowledged by peers or not (a peer that needed
     /// them catches up by snapshot). At least `limits.max_delta_bytes`.
     pub max_log_bytes_per_origin: u64,
+    /// Where blocking work (the group-commit flush) runs; the node runs its
+    /// own store calls there too.
+    pub offload: Offload,
 }
 
 impl Default for StoreOptions {
@@ -53,6 +57,7 @@ impl Default for StoreOptions {
             cache_capacity_bytes: 256 << 20,
             limits: Limits::default(),
             max_log_bytes_per_origin: 256 << 20,
+            offload: Offload::Pool,
         }
     }
 }
@@ -408,14 +413,19 @@ impl Store {
         self.options.durability
     }
 
+    /// Where blocking work runs.
+    pub fn offload(&self) -> Offload {
+        self.options.offload
+    }
+
     /// Number of group-commit flushes so far.
     pub fn flush_count(&self) -> u64 {
         self.group.flushes()
     }
 
     /// Waits until the writes of `receipt` are durable. In `relaxed` mode it
-    /// returns at once. Call it inside a tokio runtime: the flush runs on
-    /// its blocking pool.
+    /// returns at once. Call it inside a tokio runtime: the flush runs
+    /// where [`StoreOptions::offload`] says.
     pub async fn durable(&self, receipt: &WriteReceipt) -> Result<()> {
         self.wait_commit(receipt.commit).await
     }
@@ -436,7 +446,9 @@ impl Store {
 
     async fn wait_commit(&self, commit: Option<u64>) -> Result<()> {
         match (self.options.durability, commit) {
-            (Durability::Group, Some(n)) => self.group.wait(&self.db, n).await,
+            (Durability::Group, Some(n)) => {
+                self.group.wait(&self.db, n, self.options.offload).await
+            }
             _ => Ok(()),
         }
     }

@@ -14,6 +14,25 @@ pub struct Node {
     _dir: tempfile::TempDir,
 }
 
+/// A TCP connector that counts its dials.
+pub fn counting_connector() -> (
+    concord_node::Connector,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let dials = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = dials.clone();
+    let connector = concord_node::Connector::new(move |uri: tonic::codegen::http::Uri| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let addr = format!(
+            "{}:{}",
+            uri.host().unwrap_or_default(),
+            uri.port_u16().unwrap_or(80)
+        );
+        async move { tokio::net::TcpStream::connect(addr).await }
+    });
+    (connector, dials)
+}
+
 /// A node of region us-east (replica 1) with the default configuration.
 pub async fn start() -> Node {
     start_with("max_drift_ms = 0").await
