@@ -135,11 +135,17 @@ impl Set {
                 });
             }
             SetOp::Remove { observed, members } => {
-                let clock: VClock<ReplicaId> = observed
+                #[allow(unused_mut)]
+                let mut clock: VClock<ReplicaId> = observed
                     .iter()
                     .filter(|(_, &counter)| counter > 0)
                     .map(|(&replica, &counter)| Dot::new(replica, counter))
                     .collect();
+                // The deliberately wrong merge the simulation suite must
+                // catch: the remove also deletes every add this replica has
+                // seen, observed by the remover or not.
+                #[cfg(feature = "wrong-merge")]
+                clock.merge(self.inner.clock());
                 self.inner.apply(OrOp::Rm {
                     clock,
                     members: members.clone(),
