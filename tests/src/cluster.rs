@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::{node_config, signal, NodeProcess};
+use crate::{free_base_port, node_config, signal, NodeProcess};
 
 /// Region names, in replica-id order.
 pub const REGIONS: [&str; 4] = ["us-east", "eu-west", "ap-south", "us-west"];
@@ -30,20 +30,16 @@ pub struct Cluster {
     _dir: tempfile::TempDir,
 }
 
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
 impl Cluster {
     /// Lays out `n` regions (addresses, directories); nothing runs yet.
     pub fn new(n: usize) -> Cluster {
         assert!(n <= REGIONS.len());
         let dir = tempfile::tempdir().expect("tempdir");
+        let base = free_base_port(n as u16);
         let regions = (0..n)
             .map(|i| Region {
                 name: REGIONS[i],
-                listen: free_addr(),
+                listen: SocketAddr::from(([127, 0, 0, 1], base + i as u16)),
                 config: dir.path().join(format!("{}.toml", REGIONS[i])),
                 log: dir.path().join(format!("{}.log", REGIONS[i])),
             })

@@ -71,12 +71,22 @@ fn build_binaries() -> Result<PathBuf, String> {
     Ok(profile_dir)
 }
 
+/// Lowest port handed out to the processes under test.
+const PORT_FLOOR: u16 = 20_000;
+
+/// Ports handed out stay below Linux's default ephemeral range (32768 and
+/// up). A port in that range, once checked free and released, can be taken
+/// by any outgoing connection on the machine before the node binds it, and a
+/// connection to it can even connect to itself; below it neither happens.
+const PORT_CEILING: u16 = 32_768;
+
 /// A base port with `count` free ports after it and after it + 1000 (the
 /// layout of `concord dev`), chosen at random so tests in parallel rarely
 /// meet; checked by binding them.
 pub fn free_base_port(count: u16) -> u16 {
+    let top = PORT_CEILING - 1000 - count;
     for _ in 0..200 {
-        let base = fastrand::u16(20_000..40_000);
+        let base = fastrand::u16(PORT_FLOOR..top);
         let free = (0..count).all(|i| {
             [base + i, base + 1000 + i]
                 .iter()
@@ -147,15 +157,34 @@ impl NodeProcess {
             .stderr(stderr)
             .spawn()
             .expect("start concord-node");
-        let node = NodeProcess {
+        let mut node = NodeProcess {
             child,
             endpoint: format!("http://{listen}"),
         };
-        assert!(
-            wait_for_port(listen, START_TIMEOUT),
-            "concord-node did not listen on {listen}"
-        );
+        node.wait_listening(listen, log);
         node
+    }
+
+    /// Waits until the node listens on `listen`, failing early, with its
+    /// log, if it exits instead (its port taken, a bad configuration).
+    fn wait_listening(&mut self, listen: &str, log: Option<&Path>) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let tail = log
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .unwrap_or_default();
+                panic!("concord-node for {listen} exited ({status}) before listening:\n{tail}");
+            }
+            if TcpStream::connect(listen).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "concord-node did not listen on {listen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The process id.
