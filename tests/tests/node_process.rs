@@ -7,7 +7,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use concord_client::{Client, KeyspaceType};
-use concord_tests::{binary, free_base_port, http_get, node_config, wait_for_port, NodeProcess};
+use concord_tests::{
+    binary, cli, cli_json, free_base_port, http_get, node_config, wait_for_port, NodeProcess,
+};
 
 fn check_config(text: &str) -> (i32, String) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -115,8 +117,11 @@ async fn garbage_on_the_port_changes_nothing_and_metrics_are_served() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    // Still serving, nothing changed.
+    // Still serving, nothing changed; the health check a container
+    // orchestrator runs says so too.
     assert_eq!(client.counter("hits").get("k").await.expect("get"), 5);
+    let health = cli_json(&node.endpoint, &["health"]);
+    assert_eq!(health["status"], "SERVING", "{health}");
     let status = client.status().await.expect("status");
     assert_eq!(status.applied.expect("vv").seqs.get(&1), Some(&2));
 
@@ -171,7 +176,14 @@ async fn sigterm_keeps_every_acknowledged_write_even_in_relaxed_mode() {
         acked += 1;
     }
     drop(client);
+    let endpoint = node.endpoint.clone();
     assert!(node.terminate(), "a clean exit after SIGTERM");
+    let down = cli(&["--endpoint", &endpoint, "--timeout-ms", "1000", "health"]);
+    assert_eq!(down.status.code(), Some(1), "health of a stopped node");
+    assert!(
+        String::from_utf8_lossy(&down.stderr).starts_with("concord: "),
+        "{down:?}"
+    );
 
     let node = NodeProcess::start(&config, &listen);
     let client = Client::connect([node.endpoint.clone()])

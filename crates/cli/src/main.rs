@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use concord_client::{Client, ClientOptions, KeyspaceType, StreamId};
+use concord_client::{Client, ClientOptions, Health, KeyspaceType, StreamId};
 use tokio_stream::StreamExt;
 
 use crate::output::Out;
@@ -67,6 +67,14 @@ enum Command {
     Stream(StreamCmd),
     /// The region's status: identity, clock, applied vector, peers.
     Status,
+    /// Ask the region's gRPC health service whether it is serving; exits
+    /// with 0 if it is and 1 if not (for container and orchestrator
+    /// health checks).
+    Health {
+        /// The gRPC service to ask about; the node as a whole when empty.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
     /// Start a local multi-region cluster, one concord-node process per
     /// region; Ctrl-C stops them all.
     Dev(dev::DevArgs),
@@ -256,6 +264,14 @@ async fn run(cli: Cli) -> Result<(), String> {
     let client = Client::connect_with(cli.endpoints, options)
         .await
         .map_err(|e| e.to_string())?;
+    if let Command::Health { service } = &cli.command {
+        let health = client.health(service).await.map_err(|e| e.to_string())?;
+        out.health(client.current_endpoint(), health);
+        return match health {
+            Health::Serving => Ok(()),
+            other => Err(format!("{} is {other}", client.current_endpoint())),
+        };
+    }
     command(&client, cli.command, &out)
         .await
         .map_err(|e| e.to_string())
@@ -333,9 +349,9 @@ async fn command(
             out.write(client.stream(&at.keyspace).trim(&at.key, before).await?)
         }
         Command::Status => out.status(&client.status().await?),
-        Command::Dev(_) => {
+        Command::Dev(_) | Command::Health { .. } => {
             return Err(concord_client::Error::InvalidArgument(
-                "dev starts regions; it does not talk to one".into(),
+                "this command is not a call on a region's data".into(),
             ))
         }
     }

@@ -2,7 +2,7 @@
 //! command; one object per line for `stream tail`).
 
 use concord_client::proto::{DurabilityMode, StatusResponse};
-use concord_client::{Entry, KeyspaceInfo, RegisterValue, StreamId, WriteAck};
+use concord_client::{Entry, Health, KeyspaceInfo, RegisterValue, StreamId, WriteAck};
 use serde_json::{json, Value};
 
 /// Where results go.
@@ -128,6 +128,13 @@ impl Out {
             }
             lines.join("\n")
         });
+    }
+
+    pub fn health(&self, endpoint: &str, health: Health) {
+        self.print(
+            json!({ "endpoint": endpoint, "status": health.to_string() }),
+            || format!("{endpoint}: {health}"),
+        );
     }
 
     pub fn counter(&self, value: i64) {

@@ -71,7 +71,7 @@ pub use batch::{Batch, BatchResult};
 pub use error::{Error, Result};
 pub use handles::{Counter, Register, Set, Stream, Subscription};
 pub use types::{
-    Entry, KeyspaceConflict, KeyspaceInfo, KeyspaceType, RegisterValue, StreamId, WriteAck,
+    Entry, Health, KeyspaceConflict, KeyspaceInfo, KeyspaceType, RegisterValue, StreamId, WriteAck,
 };
 
 /// The generated protobuf types, for what the SDK passes through as is
@@ -312,11 +312,52 @@ impl Client {
         Batch::new(self.clone())
     }
 
+    /// What the gRPC health service (`grpc.health.v1`) of the endpoint
+    /// the next call goes to says of `service`: `""` for the node as a
+    /// whole, or a gRPC service name such as `concord.v1.Concord`. A
+    /// node shutting down answers [`Health::NotServing`]; a service it
+    /// does not know is [`Error::Status`] NOT_FOUND. Fails over like a
+    /// read, so give a single endpoint to probe one region.
+    pub async fn health(&self, service: &str) -> Result<Health> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+        let answer = self
+            .call_channel(Retry::Safe, |channel| async move {
+                HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: service.to_string(),
+                    })
+                    .await
+            })
+            .await?;
+        Ok(match ServingStatus::try_from(answer.status) {
+            Ok(ServingStatus::Serving) => Health::Serving,
+            Ok(ServingStatus::NotServing) => Health::NotServing,
+            _ => Health::Unknown,
+        })
+    }
+
     /// Runs `call` on the current endpoint, failing over as the crate
     /// documentation describes.
     pub(crate) async fn call<T, F, Fut>(&self, retry: Retry, call: F) -> Result<T>
     where
         F: Fn(ConcordClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, tonic::Status>>,
+    {
+        self.call_channel(retry, |channel| {
+            call(
+                ConcordClient::new(channel)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+        })
+        .await
+    }
+
+    /// [`Client::call`] for any gRPC service on the endpoint's channel.
+    async fn call_channel<T, F, Fut>(&self, retry: Retry, call: F) -> Result<T>
+    where
+        F: Fn(Channel) -> Fut,
         Fut: Future<Output = Result<Response<T>, tonic::Status>>,
     {
         let n = self.inner.endpoints.len();
@@ -326,10 +367,7 @@ impl Client {
         for attempt in 0..n {
             let i = (start + attempt) % n;
             let (url, channel) = &self.inner.endpoints[i];
-            let client = ConcordClient::new(channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES);
-            let failure = match tokio::time::timeout(timeout, call(client)).await {
+            let failure = match tokio::time::timeout(timeout, call(channel.clone())).await {
                 Ok(Ok(response)) => return Ok(response.into_inner()),
                 Ok(Err(status)) if status.code() == Code::Unavailable => {
                     format!("{}: {}", url, status_chain(&status))

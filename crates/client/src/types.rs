@@ -331,3 +331,24 @@ mod tests {
         assert!("map".parse::<KeyspaceType>().is_err());
     }
 }
+
+/// A region's health, as its gRPC health service reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Serving requests.
+    Serving,
+    /// Up but not serving: shutting down, or not ready.
+    NotServing,
+    /// The service reported a status this SDK does not know.
+    Unknown,
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Health::Serving => "SERVING",
+            Health::NotServing => "NOT_SERVING",
+            Health::Unknown => "UNKNOWN",
+        })
+    }
+}

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use concord_client::{BatchResult, Client, ClientOptions, Error, KeyspaceType, StreamId};
+use concord_client::{BatchResult, Client, ClientOptions, Error, Health, KeyspaceType, StreamId};
 use concord_core::clock::SystemTime;
 use concord_node::{Config, Node};
 use tokio_stream::StreamExt;
@@ -321,4 +321,23 @@ async fn a_region_that_never_answers_times_out() {
     assert_eq!(reader.current_endpoint(), b.url);
     drop(hole);
     b.stop().await;
+}
+
+#[tokio::test]
+async fn health_reports_a_serving_node_and_refuses_unknown_services() {
+    let n = node("us-east", 1).await;
+    let client = Client::connect([n.url.clone()]).await.expect("connect");
+    assert_eq!(client.health("").await.expect("health"), Health::Serving);
+    assert_eq!(
+        client.health("concord.v1.Concord").await.expect("health"),
+        Health::Serving
+    );
+    let unknown = client
+        .health("no.such.Service")
+        .await
+        .expect_err("unknown service");
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown}");
+    n.stop().await;
+    let gone = client.health("").await.expect_err("the node is gone");
+    assert!(matches!(gone, Error::Unavailable { .. }), "{gone}");
 }

@@ -127,7 +127,7 @@ async fn run(config: Config) -> Result<(), NodeError> {
         region = %c.region,
         replica_id = c.replica_id,
         listen = %c.listen,
-        metrics = ?c.metrics_listen,
+        metrics = %c.metrics_listen.map_or_else(|| "none".to_string(), |a| a.to_string()),
         data_dir = %c.data_dir.display(),
         peers = c.peers.len(),
         durability = ?c.durability,
