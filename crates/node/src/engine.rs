@@ -1,26 +1,50 @@
 //! Runs validated client operations against the region's store: resolves
 //! keyspaces, turns operations into one atomic store batch, waits for
 //! durability, and shapes the results for the API.
+//!
+//! Client batches go through one writer task, which takes every batch
+//! waiting when it is free and runs them together
+//! ([`Store::write_many`]): one transaction for many concurrent clients
+//! instead of one each, all contending for the store's lock. Each batch
+//! stays atomic on its own, and one that fails does not fail the others.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use concord_core::catalog::KeyspaceView;
+use concord_core::catalog::{Catalog, KeyspaceView};
 use concord_core::crdt::{StreamEntry, StreamId};
-use concord_core::{Clock, CrdtType, Value};
+use concord_core::{Clock, CrdtType, KeyspaceId, Limits, Value};
 use concord_proto::v1 as pb;
-use concord_store::{Item, ItemResult, Store};
-use tokio::sync::watch;
+use concord_store::{Item, ItemResult, Store, WriteReceipt};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::command::{ClientOp, OpKind};
 use crate::error::{NodeError, Result};
 use crate::subscribe::{Appended, Subscriptions};
+
+/// Most client batches waiting for the writer; callers wait beyond it.
+pub const WRITE_QUEUE: usize = 1024;
+
+/// Most operations the writer runs in one transaction (one batch larger
+/// than this still runs, alone).
+pub const MAX_COALESCED_OPS: usize = 4096;
+
+/// A client batch on its way to the writer.
+#[derive(Debug)]
+struct WriteJob {
+    ops: Vec<ClientOp>,
+    reply: oneshot::Sender<Result<Written>>,
+}
+
+/// A batch the writer ran: its operations, their keyspaces, the receipt.
+type Written = (Vec<ClientOp>, Vec<KeyspaceId>, WriteReceipt);
 
 /// The region's state as the services see it.
 #[derive(Debug, Clone)]
 pub struct Engine {
     store: Arc<Store>,
     clock: Arc<Clock>,
+    writer: mpsc::Sender<WriteJob>,
     subscriptions: Subscriptions,
     /// Bumped after every durable local write and every remote apply, so
     /// peers' tails wake up.
@@ -34,8 +58,12 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine over `store`, stamping writes with `clock`.
+    /// An engine over `store`, stamping writes with `clock`. Starts the
+    /// writer task, so it must be called inside a tokio runtime; the task
+    /// ends when the last clone of the engine is dropped.
     pub fn new(store: Arc<Store>, clock: Arc<Clock>) -> Self {
+        let (writer, jobs) = mpsc::channel(WRITE_QUEUE);
+        tokio::spawn(write_loop(store.clone(), clock.clone(), jobs));
         // What the store holds after opening is on disk. Should the read
         // fail, 0 is the safe side: own deltas then wait for the next
         // durable write before they are shipped.
@@ -43,6 +71,7 @@ impl Engine {
         Engine {
             store,
             clock,
+            writer,
             subscriptions: Subscriptions::default(),
             changes: Arc::new(watch::Sender::new(0)),
             durable_own: Arc::new(AtomicU64::new(durable_own)),
@@ -152,30 +181,14 @@ impl Engine {
             op.validate(&limits)?;
         }
         let me = self.store.identity().replica;
-        let (ops, keyspaces, receipt) = self
-            .blocking(move |store, clock| {
-                let catalog = store.catalog()?;
-                let mut items = Vec::with_capacity(ops.len());
-                let mut keyspaces = Vec::with_capacity(ops.len());
-                for op in &ops {
-                    let keyspace = catalog
-                        .resolve(&op.keyspace)
-                        .ok_or_else(|| NodeError::UnknownKeyspace(op.keyspace.clone()))?;
-                    let needed = op.kind.crdt_type();
-                    if keyspace.ty != needed {
-                        return Err(NodeError::WrongType {
-                            keyspace: op.keyspace.clone(),
-                            is: keyspace.ty,
-                            needs: needed,
-                        });
-                    }
-                    items.push(item(keyspace.clone(), op, &limits));
-                    keyspaces.push(keyspace);
-                }
-                let receipt = store.write(clock, &items)?;
-                Ok((ops, keyspaces, receipt))
-            })
-            .await?;
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(WriteJob { ops, reply })
+            .await
+            .map_err(|_| NodeError::Unavailable("the writer has stopped".into()))?;
+        let (ops, keyspaces, receipt) = answer
+            .await
+            .map_err(|_| NodeError::Unavailable("the store task failed".into()))??;
         self.store.durable(&receipt).await?;
         self.own_durable(receipt.last_seq);
         for ((op, keyspace), result) in ops.iter().zip(keyspaces).zip(&receipt.results) {
@@ -199,6 +212,101 @@ impl Engine {
             .map(|(op, result)| shape(&op.kind, result, me))
             .collect()
     }
+}
+
+/// The writer: takes every batch waiting (up to [`MAX_COALESCED_OPS`]
+/// operations), runs them in as few transactions as it can, answers each.
+async fn write_loop(store: Arc<Store>, clock: Arc<Clock>, mut jobs: mpsc::Receiver<WriteJob>) {
+    let mut next = None;
+    loop {
+        let first = match next.take() {
+            Some(job) => job,
+            None => match jobs.recv().await {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let mut ops = first.ops.len();
+        let mut group = vec![first];
+        while ops < MAX_COALESCED_OPS {
+            let Ok(job) = jobs.try_recv() else { break };
+            if ops + job.ops.len() > MAX_COALESCED_OPS {
+                next = Some(job);
+                break;
+            }
+            ops += job.ops.len();
+            group.push(job);
+        }
+        let (store, clock) = (store.clone(), clock.clone());
+        let offload = store.offload();
+        // Should the store task fail, the replies are dropped with it and
+        // every caller is told so.
+        if let Ok(done) = offload.run(move || run_group(&store, &clock, group)).await {
+            for (reply, result) in done {
+                let _ = reply.send(result);
+            }
+        }
+    }
+}
+
+/// Resolves and runs a group of batches; returns each one's reply channel
+/// and outcome.
+fn run_group(
+    store: &Store,
+    clock: &Clock,
+    group: Vec<WriteJob>,
+) -> Vec<(oneshot::Sender<Result<Written>>, Result<Written>)> {
+    let catalog = store.catalog();
+    let limits = store.limits().clone();
+    let mut ready = Vec::with_capacity(group.len());
+    let mut done = Vec::with_capacity(group.len());
+    for job in group {
+        let resolved = match &catalog {
+            Ok(catalog) => resolve(catalog, &job.ops, &limits),
+            Err(e) => Err(NodeError::Unavailable(format!(
+                "cannot read the catalog: {e}"
+            ))),
+        };
+        match resolved {
+            Ok((items, keyspaces)) => ready.push((job, items, keyspaces)),
+            Err(e) => done.push((job.reply, Err(e))),
+        }
+    }
+    let batches: Vec<&[Item]> = ready.iter().map(|(_, items, _)| items.as_slice()).collect();
+    let receipts = store.write_many(clock, &batches);
+    for ((job, _, keyspaces), receipt) in ready.into_iter().zip(receipts) {
+        let result = receipt
+            .map(|receipt| (job.ops, keyspaces, receipt))
+            .map_err(NodeError::from);
+        done.push((job.reply, result));
+    }
+    done
+}
+
+/// The store items of a batch, and their keyspaces.
+fn resolve(
+    catalog: &Catalog,
+    ops: &[ClientOp],
+    limits: &Limits,
+) -> Result<(Vec<Item>, Vec<KeyspaceId>)> {
+    let mut items = Vec::with_capacity(ops.len());
+    let mut keyspaces = Vec::with_capacity(ops.len());
+    for op in ops {
+        let keyspace = catalog
+            .resolve(&op.keyspace)
+            .ok_or_else(|| NodeError::UnknownKeyspace(op.keyspace.clone()))?;
+        let needed = op.kind.crdt_type();
+        if keyspace.ty != needed {
+            return Err(NodeError::WrongType {
+                keyspace: op.keyspace.clone(),
+                is: keyspace.ty,
+                needs: needed,
+            });
+        }
+        items.push(item(keyspace.clone(), op, limits));
+        keyspaces.push(keyspace);
+    }
+    Ok((items, keyspaces))
 }
 
 /// The store item of one operation.

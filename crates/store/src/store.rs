@@ -527,8 +527,57 @@ impl Store {
     /// or nothing does.
     pub fn write(&self, clock: &Clock, items: &[Item]) -> Result<WriteReceipt> {
         let mut w = self.lock_writer();
+        let (mut receipts, trimmed) = self.write_locked(&mut w, clock, &[items])?;
+        drop(w);
+        self.after_trim(trimmed);
+        receipts
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("a write produced no receipt".into()))
+    }
+
+    /// Runs independent local batches, each as [`Store::write`] would, in
+    /// as few transactions as it can: all of them in one when none fails,
+    /// which is how concurrent clients share the cost of a transaction.
+    /// Each batch stays atomic and sees the batches before it. When one
+    /// batch fails (a limit, a type mismatch, an unknown keyspace), the
+    /// shared transaction is abandoned and each batch runs on its own, so
+    /// a failing batch never fails the others. The caller bounds how many
+    /// items it hands over at once.
+    pub fn write_many(&self, clock: &Clock, batches: &[&[Item]]) -> Vec<Result<WriteReceipt>> {
+        let mut w = self.lock_writer();
+        let mut trimmed = false;
+        let results = match self.write_locked(&mut w, clock, batches) {
+            Ok((receipts, t)) => {
+                trimmed = t;
+                receipts.into_iter().map(Ok).collect()
+            }
+            Err(_) if batches.len() > 1 => batches
+                .iter()
+                .map(|b| {
+                    let (mut receipts, t) = self.write_locked(&mut w, clock, &[b])?;
+                    trimmed |= t;
+                    receipts
+                        .pop()
+                        .ok_or_else(|| StoreError::Corrupt("a write produced no receipt".into()))
+                })
+                .collect(),
+            Err(e) => vec![Err(e)],
+        };
+        drop(w);
+        self.after_trim(trimmed);
+        results
+    }
+
+    /// [`Store::write_many`] with the writer lock held, all batches in one
+    /// transaction; also says whether a stream was trimmed.
+    fn write_locked(
+        &self,
+        w: &mut Writer,
+        clock: &Clock,
+        batches: &[&[Item]],
+    ) -> Result<(Vec<WriteReceipt>, bool)> {
         let mut hlcs = Vec::new();
-        for item in items {
+        for item in batches.iter().flat_map(|b| b.iter()) {
             if let Item::Write { .. } = item {
                 hlcs.push(clock.now()?);
             }
@@ -537,8 +586,18 @@ impl Store {
         let me = self.identity.replica;
         let limits = &self.options.limits;
         let first_seq = w.next_seq;
-        let preloaded = RowOverlay::preload(&self.t.rows, &self.row_needs_of_items(items)?)?;
-        let (results, last_seq, logged, trimmed) = self
+        let all: Vec<Item> = if batches.len() == 1 {
+            Vec::new()
+        } else {
+            batches.iter().flat_map(|b| b.iter().cloned()).collect()
+        };
+        let needs = if batches.len() == 1 {
+            self.row_needs_of_items(batches[0])?
+        } else {
+            self.row_needs_of_items(&all)?
+        };
+        let preloaded = RowOverlay::preload(&self.t.rows, &needs)?;
+        let (per_batch, last_seq, logged, trimmed) = self
             .data_trees()
             .transaction(|(catalog, values, rows, log, vv, meta)| {
                 let mut seq = first_seq - 1;
@@ -546,96 +605,103 @@ impl Store {
                 let mut trimmed = false;
                 let mut overlay = preloaded.clone();
                 let mut stamps = hlcs.iter();
-                let mut results = Vec::with_capacity(items.len());
-                for item in items {
-                    let result = match item {
-                        Item::Write {
-                            keyspace,
-                            key,
-                            intent,
-                        } => {
-                            let Some(&hlc) = stamps.next() else {
-                                return abort(StoreError::Corrupt("missing stamp".into()));
-                            };
-                            if catalog
-                                .get(layout::catalog_key(&keyspace.name, keyspace.ty))?
-                                .is_none()
-                            {
-                                return abort(StoreError::UnknownKeyspace {
-                                    name: keyspace.name.clone(),
-                                    ty: keyspace.ty,
-                                });
-                            }
-                            if let Err(e) = limits.check_key(key) {
-                                return abort(e);
-                            }
-                            let current = tx_value(values, keyspace, key)?;
-                            let op = match current.prepare(me, hlc, intent, limits) {
-                                Ok(op) => op,
-                                Err(e) => return abort(e),
-                            };
-                            match op {
-                                None => ItemResult::Written {
-                                    seq: 0,
-                                    hlc,
-                                    value: current,
-                                },
-                                Some(op) => {
-                                    seq += 1;
-                                    let delta = Delta {
-                                        origin: me,
-                                        seq,
+                let mut per_batch = Vec::with_capacity(batches.len());
+                for items in batches {
+                    let batch_first = seq + 1;
+                    let mut results = Vec::with_capacity(items.len());
+                    for item in items.iter() {
+                        let result = match item {
+                            Item::Write {
+                                keyspace,
+                                key,
+                                intent,
+                            } => {
+                                let Some(&hlc) = stamps.next() else {
+                                    return abort(StoreError::Corrupt("missing stamp".into()));
+                                };
+                                if catalog
+                                    .get(layout::catalog_key(&keyspace.name, keyspace.ty))?
+                                    .is_none()
+                                {
+                                    return abort(StoreError::UnknownKeyspace {
+                                        name: keyspace.name.clone(),
+                                        ty: keyspace.ty,
+                                    });
+                                }
+                                if let Err(e) = limits.check_key(key) {
+                                    return abort(e);
+                                }
+                                let current = tx_value(values, keyspace, key)?;
+                                let op = match current.prepare(me, hlc, intent, limits) {
+                                    Ok(op) => op,
+                                    Err(e) => return abort(e),
+                                };
+                                match op {
+                                    None => ItemResult::Written {
+                                        seq: 0,
                                         hlc,
-                                        keyspace: keyspace.name.clone(),
-                                        key: key.clone(),
-                                        op,
-                                    };
-                                    let bytes = match delta.encode_checked(limits) {
-                                        Ok(b) => b,
-                                        Err(e) => return abort(e),
-                                    };
-                                    trimmed |= is_trim(&delta.op);
-                                    let value = tx_apply(values, rows, meta, &mut overlay, &delta)?;
-                                    logged += bytes.len() as u64;
-                                    log.insert(&layout::log_key(me, seq), bytes)?;
-                                    ItemResult::Written { seq, hlc, value }
+                                        value: current,
+                                    },
+                                    Some(op) => {
+                                        seq += 1;
+                                        let delta = Delta {
+                                            origin: me,
+                                            seq,
+                                            hlc,
+                                            keyspace: keyspace.name.clone(),
+                                            key: key.clone(),
+                                            op,
+                                        };
+                                        let bytes = match delta.encode_checked(limits) {
+                                            Ok(b) => b,
+                                            Err(e) => return abort(e),
+                                        };
+                                        trimmed |= is_trim(&delta.op);
+                                        let value =
+                                            tx_apply(values, rows, meta, &mut overlay, &delta)?;
+                                        logged += bytes.len() as u64;
+                                        log.insert(&layout::log_key(me, seq), bytes)?;
+                                        ItemResult::Written { seq, hlc, value }
+                                    }
                                 }
                             }
-                        }
-                        Item::Get { keyspace, key } => {
-                            ItemResult::Value(tx_value(values, keyspace, key)?)
-                        }
-                        Item::StreamRange {
-                            keyspace,
-                            key,
-                            from,
-                            to,
-                            count,
-                        } => {
-                            let watermark = match tx_value(values, keyspace, key)? {
-                                Value::Stream(s) => s.trimmed_before(),
-                                other => {
-                                    return abort(CoreError::TypeMismatch {
-                                        expected: other.crdt_type(),
-                                        found: CrdtType::Stream,
-                                    })
-                                }
-                            };
-                            let from = (*from).max(watermark);
-                            ItemResult::Entries(
-                                overlay
-                                    .range(&keyspace.name, key, from, *to, *count)
-                                    .map_err(ConflictableTransactionError::Abort)?,
-                            )
-                        }
-                    };
-                    results.push(result);
+                            Item::Get { keyspace, key } => {
+                                ItemResult::Value(tx_value(values, keyspace, key)?)
+                            }
+                            Item::StreamRange {
+                                keyspace,
+                                key,
+                                from,
+                                to,
+                                count,
+                            } => {
+                                let watermark = match tx_value(values, keyspace, key)? {
+                                    Value::Stream(s) => s.trimmed_before(),
+                                    other => {
+                                        return abort(CoreError::TypeMismatch {
+                                            expected: other.crdt_type(),
+                                            found: CrdtType::Stream,
+                                        })
+                                    }
+                                };
+                                let from = (*from).max(watermark);
+                                ItemResult::Entries(
+                                    overlay
+                                        .range(&keyspace.name, key, from, *to, *count)
+                                        .map_err(ConflictableTransactionError::Abort)?,
+                                )
+                            }
+                        };
+                        results.push(result);
+                    }
+                    let batch_last = if seq >= batch_first { seq } else { 0 };
+                    per_batch.push((results, batch_last));
                 }
                 if seq >= first_seq {
                     vv.insert(&layout::replica_key(me), &seq.to_be_bytes())?;
                 }
                 tx_raise_hlc(meta, hwm)?;
-                Ok((results, seq, logged, trimmed))
+                Ok((per_batch, seq, logged, trimmed))
             })
             .map_err(from_tx)?;
         let wrote = last_seq >= first_seq;
@@ -645,15 +711,17 @@ impl Store {
         }
         w.next_seq = last_seq + 1;
         if wrote {
-            self.account_log(&mut w, me, last_seq + 1 - first_seq, logged);
+            self.account_log(w, me, last_seq + 1 - first_seq, logged);
         }
-        drop(w);
-        self.after_trim(trimmed);
-        Ok(WriteReceipt {
-            results,
-            commit,
-            last_seq: if wrote { last_seq } else { 0 },
-        })
+        let receipts = per_batch
+            .into_iter()
+            .map(|(results, batch_last)| WriteReceipt {
+                results,
+                commit: if batch_last > 0 { commit } else { None },
+                last_seq: batch_last,
+            })
+            .collect();
+        Ok((receipts, trimmed))
     }
 
     /// The committed stream rows a local batch may need inside its
