@@ -196,4 +196,8 @@ if __name__ == "__main__":
     except Failure as e:
         say(f"FAILED: {e}")
         sys.exit(1)
+    except (KeyError, ValueError, IndexError, TypeError) as e:
+        # A field the checks rely on is missing or shaped otherwise.
+        say(f"FAILED: a rendered manifest lacks what a region needs: {e!r}")
+        sys.exit(1)
     say("ok")

@@ -545,3 +545,63 @@ async fn raw_counter_get(channel: &Channel, keyspace: &[u8], key: &[u8]) -> toni
         .await
         .expect_err("invalid UTF-8 must be refused")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_batches_share_transactions_yet_each_fails_alone() {
+    use pb::operation::Op;
+    let node = start().await;
+    let mut c = node.client.clone();
+    create(&mut c, "hits", pb::CrdtType::Counter).await;
+    let op = |key: &str, n| pb::Operation {
+        op: Some(Op::CounterIncrement(incr("hits", key, n))),
+    };
+    // Two i64::MAX increments on "big" (the second is applied, but its
+    // value no longer fits the answer); a third overflows this region's
+    // running total for it inside the store.
+    c.counter_increment(incr("hits", "big", i64::MAX))
+        .await
+        .expect("incr");
+    let _ = c.counter_increment(incr("hits", "big", i64::MAX)).await;
+    // 12 batches of 1,000 increments (more than one writer transaction
+    // holds) and 4 that fail inside the store, all at once.
+    let mut calls = Vec::new();
+    for i in 0..16 {
+        let mut c = node.client.clone();
+        let operations = if i % 4 == 3 {
+            vec![op("k", 1), op("big", i64::MAX)]
+        } else {
+            (0..1000).map(|_| op("k", 1)).collect()
+        };
+        calls.push(tokio::spawn(async move {
+            c.batch(pb::BatchRequest { operations }).await
+        }));
+    }
+    let mut failed = 0;
+    for (i, call) in calls.into_iter().enumerate() {
+        match call.await.expect("task") {
+            Ok(r) => assert_eq!(r.into_inner().results.len(), 1000, "batch {i}"),
+            Err(e) => {
+                assert_eq!(i % 4, 3, "batch {i} failed: {e}");
+                failed += 1;
+            }
+        }
+    }
+    assert_eq!(failed, 4);
+    let k = c
+        .counter_get(get("hits", "k"))
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(
+        k.value, 12_000,
+        "every good batch whole, nothing of the failed ones"
+    );
+    let status = c
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    // The declaration, the two increments of "big", 12,000 increments:
+    // no sequence number was spent on a failed batch.
+    assert_eq!(status.applied.expect("vv").seqs.get(&1), Some(&12_003));
+}

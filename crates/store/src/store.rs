@@ -586,17 +586,7 @@ impl Store {
         let me = self.identity.replica;
         let limits = &self.options.limits;
         let first_seq = w.next_seq;
-        let all: Vec<Item> = if batches.len() == 1 {
-            Vec::new()
-        } else {
-            batches.iter().flat_map(|b| b.iter().cloned()).collect()
-        };
-        let needs = if batches.len() == 1 {
-            self.row_needs_of_items(batches[0])?
-        } else {
-            self.row_needs_of_items(&all)?
-        };
-        let preloaded = RowOverlay::preload(&self.t.rows, &needs)?;
+        let preloaded = RowOverlay::preload(&self.t.rows, &self.row_needs_of_items(batches)?)?;
         let (per_batch, last_seq, logged, trimmed) = self
             .data_trees()
             .transaction(|(catalog, values, rows, log, vv, meta)| {
@@ -724,13 +714,14 @@ impl Store {
         Ok((receipts, trimmed))
     }
 
-    /// The committed stream rows a local batch may need inside its
-    /// transaction: for each range read, `count` rows from every lower
-    /// bound the stream's watermark can have at that point of the batch.
-    fn row_needs_of_items(&self, items: &[Item]) -> Result<Vec<RowNeed>> {
+    /// The committed stream rows local batches run in one transaction may
+    /// need: for each range read, `count` rows from every lower bound the
+    /// stream's watermark can have at that point of the transaction.
+    fn row_needs_of_items(&self, batches: &[&[Item]]) -> Result<Vec<RowNeed>> {
+        let items = || batches.iter().flat_map(|b| b.iter());
         let mut needs = Vec::new();
         let mut trims: BTreeMap<(String, String), Vec<StreamId>> = BTreeMap::new();
-        for item in items {
+        for item in items() {
             if let Item::Write {
                 keyspace,
                 key,
@@ -743,7 +734,7 @@ impl Store {
                     .push(*before);
             }
         }
-        for item in items {
+        for item in items() {
             if let Item::StreamRange {
                 keyspace,
                 key,
