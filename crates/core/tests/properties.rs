@@ -16,7 +16,8 @@ use std::sync::Arc;
 use concord_core::catalog::Catalog;
 use concord_core::clock::{ManualTime, HLC_EPOCH_UNIX_MS};
 use concord_core::crdt::{
-    Counter, Crdt, CrdtType, Field, Register, Set, SetOp, Stream, StreamId, StreamOp,
+    Counter, Crdt, CrdtType, Field, MemberDots, Register, Set, SetHeader, SetOp, Stream, StreamId,
+    StreamOp,
 };
 use concord_core::{Clock, CoreError, Delta, Hlc, Marker, Op, ReplicaId, Value, VersionVector};
 use proptest::prelude::*;
@@ -186,6 +187,17 @@ impl Replica {
             .observe(delta.hlc)
             .expect("drift is unchecked here");
         let ty = delta.op.crdt_type().expect("value op");
+        let through_slice = match (
+            self.values
+                .get(&(delta.keyspace.clone(), delta.key.clone())),
+            &delta.op,
+        ) {
+            (Some(Value::Set(before)), Op::Set(op)) => {
+                Some(apply_through_slice(before, delta.origin, op))
+            }
+            (None, Op::Set(op)) => Some(apply_through_slice(&Set::default(), delta.origin, op)),
+            _ => None,
+        };
         let value = self
             .values
             .entry((delta.keyspace.clone(), delta.key.clone()))
@@ -193,6 +205,9 @@ impl Replica {
         value
             .apply(delta.origin, delta.hlc, &delta.op)
             .expect("in-order delta applies");
+        if let (Some(sliced), Value::Set(whole)) = (through_slice, &*value) {
+            assert_eq!(&sliced, whole, "a slice applied the operation differently");
+        }
         self.vv.advance(delta.origin, delta.seq);
     }
 
@@ -228,7 +243,7 @@ impl Replica {
                 }
                 Op::Set(op)
             }
-            (Intent::SetRemove(m), Value::Set(s)) => match s.prepare_remove(vec![m.clone()]) {
+            (Intent::SetRemove(m), Value::Set(s)) => match prepare_remove_checked(s, m) {
                 Some(op) => {
                     if let SetOp::Remove { observed, members } = &op {
                         history
@@ -285,6 +300,51 @@ impl Replica {
         self.deliver(&delta);
         self.log.push(delta);
     }
+}
+
+/// Applies `op` the way a store does: to a slice of `before` holding only
+/// the members the operation needs, whose parts then replace those of
+/// `before`; returns the whole set put back together.
+fn apply_through_slice(before: &Set, origin: ReplicaId, op: &SetOp) -> Set {
+    let (header, members) = before.into_parts().expect("parts");
+    let named = match op {
+        SetOp::Add { members, .. } | SetOp::Remove { members, .. } => members,
+    };
+    let needed = header.slice_members(named);
+    let mut all: BTreeMap<Vec<u8>, _> = members.into_iter().collect();
+    let slice_members = needed
+        .iter()
+        .filter_map(|m| all.get(m).map(|d| (m.clone(), d.clone())));
+    let mut slice = Set::from_parts(header, slice_members.collect::<Vec<_>>()).expect("slice");
+    slice
+        .apply(origin, op)
+        .expect("in-order op applies to the slice");
+    let (header, touched) = slice.into_parts().expect("parts");
+    for m in &needed {
+        all.remove(m);
+    }
+    for (m, d) in touched {
+        assert!(
+            needed.contains(&m),
+            "the slice grew a member it was not given"
+        );
+        all.insert(m, d);
+    }
+    Set::from_parts(header, all).expect("whole")
+}
+
+/// `prepare_remove` on the whole set, checked against a slice of it.
+fn prepare_remove_checked(whole: &Set, member: &[u8]) -> Option<SetOp> {
+    let op = whole.prepare_remove(vec![member.to_vec()]);
+    let (header, members) = whole.into_parts().expect("parts");
+    let needed = header.slice_members(&[member.to_vec()]);
+    let slice = Set::from_parts(
+        header,
+        members.into_iter().filter(|(m, _)| needed.contains(m)),
+    )
+    .expect("slice");
+    assert_eq!(slice.prepare_remove(vec![member.to_vec()]), op);
+    op
 }
 
 struct Cluster {
@@ -806,6 +866,15 @@ proptest! {
                 let at = flip.0.index(bad.len());
                 bad[at] ^= flip.1 | 1;
                 let _ = Value::decode(&bad);
+                if let Value::Set(set) = v {
+                    let (header, members) = set.into_parts().expect("parts");
+                    let header = SetHeader::decode(&header.encode()).expect("header decodes");
+                    let members: Vec<_> = members
+                        .into_iter()
+                        .map(|(m, d)| (m, MemberDots::decode(&d.encode()).expect("dots decode")))
+                        .collect();
+                    prop_assert_eq!(&Set::from_parts(header, members).expect("whole"), set);
+                }
             }
         }
     }

@@ -5,7 +5,8 @@
 //! | `meta` | `format`, `identity`, `hlc` | format version (u32 BE), identity (postcard), HLC high-water mark (u64 BE) |
 //! | `meta` | [`sweep_key`]: `sweep/`, stream prefix | a raised trim watermark whose rows are still to be deleted: the row key of the watermark |
 //! | `catalog` | type byte, name | declaration marker (postcard) |
-//! | `values` | [`value_key`]: type, name, key | the key's CRDT state ([`Value::encode`](concord_core::Value::encode)); for streams only the trim watermark |
+//! | `values` | [`value_key`]: type, name, key | the key's CRDT state ([`Value::encode`](concord_core::Value::encode)); for sets only the [`SetHeader`](concord_core::crdt::SetHeader), for streams only the trim watermark |
+//! | `set_members` | [`member_key`]: name, key, member | one set member's [`MemberDots`](concord_core::crdt::MemberDots) |
 //! | `stream_rows` | [`row_key`]: name, key, entry id | one stream entry's fields (postcard) |
 //! | `log` | origin (u32 BE), seq (u64 BE) | an encoded [`Delta`](concord_core::Delta) |
 //! | `vv` | origin (u32 BE) | highest applied seq (u64 BE) |
@@ -17,11 +18,15 @@
 //!   name with different types (a conflict made during a partition) keep
 //!   separate data; the type comes first so that scanning one keyspace is a
 //!   prefix scan.
-//! - Counters, sets and registers are one record per key: every write reads
-//!   and rewrites it inside the write's transaction. Streams grow without
-//!   bound, so each entry is a row of its own keyed by its id (big-endian,
-//!   so sled's order is the stream's order) and an append writes one small
-//!   row; the `values` record of a stream holds only its trim watermark.
+//! - Counters and registers are one record per key: every write reads
+//!   and rewrites it inside the write's transaction. Sets and streams grow
+//!   without bound, so their elements are rows of their own and a write
+//!   touches only the rows it names. A set member's row is keyed by the
+//!   member and holds the dots of its adds; the set's `values` record holds
+//!   its header (the clock of adds seen, the deferred removes). A stream
+//!   entry's row is keyed by its id (big-endian, so sled's order is the
+//!   stream's order); the stream's `values` record holds only its trim
+//!   watermark.
 //! - All origins' logs share one tree, prefixed by origin: one log per origin
 //!   in order of seq, while a write still touches a fixed set of trees, which
 //!   sled's multi-tree transactions need.
@@ -42,7 +47,10 @@ use concord_core::{Hlc, KeyspaceId, ReplicaId};
 use crate::error::{Result, StoreError};
 
 /// The on-disk format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// Version 1 stored a set whole in its `values` record; version 2 stores
+/// each member as a row of `set_members`.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Tree names.
 pub(crate) mod trees {
@@ -50,6 +58,7 @@ pub(crate) mod trees {
     pub const CATALOG: &str = "catalog";
     pub const VALUES: &str = "values";
     pub const STREAM_ROWS: &str = "stream_rows";
+    pub const SET_MEMBERS: &str = "set_members";
     pub const LOG: &str = "log";
     pub const VV: &str = "vv";
     pub const ACKS: &str = "acks";
@@ -117,9 +126,9 @@ pub fn value_key(ks: &KeyspaceId, key: &str) -> Vec<u8> {
     k
 }
 
-/// Prefix of every row of one stream: name length, name, key length (u16
-/// BE), key.
-pub(crate) fn stream_prefix(name: &str, key: &str) -> Vec<u8> {
+/// Prefix of every row of one stream, or of every member of one set: name
+/// length, name, key length (u16 BE), key.
+pub(crate) fn key_prefix(name: &str, key: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(3 + name.len() + key.len() + 12);
     k.push(name.len().min(255) as u8);
     k.extend_from_slice(name.as_bytes());
@@ -129,9 +138,16 @@ pub(crate) fn stream_prefix(name: &str, key: &str) -> Vec<u8> {
     k
 }
 
+/// `set_members` key of one member.
+pub fn member_key(name: &str, key: &str, member: &[u8]) -> Vec<u8> {
+    let mut k = key_prefix(name, key);
+    k.extend_from_slice(member);
+    k
+}
+
 /// `stream_rows` key of one entry.
 pub fn row_key(name: &str, key: &str, id: StreamId) -> Vec<u8> {
-    let mut k = stream_prefix(name, key);
+    let mut k = key_prefix(name, key);
     k.extend_from_slice(&id.hlc.as_u64().to_be_bytes());
     k.extend_from_slice(&id.replica.0.to_be_bytes());
     k
@@ -166,7 +182,7 @@ fn short() -> StoreError {
 /// `meta` key of a pending sweep of one stream's trimmed rows.
 pub fn sweep_key(name: &str, key: &str) -> Vec<u8> {
     let mut k = meta::SWEEP_PREFIX.to_vec();
-    k.extend_from_slice(&stream_prefix(name, key));
+    k.extend_from_slice(&key_prefix(name, key));
     k
 }
 
@@ -248,7 +264,7 @@ mod tests {
         assert!(ka < kb);
         assert_eq!(parse_row_id(&ka).unwrap(), a);
         // One stream's rows never interleave with another key's.
-        assert!(!row_key("ks", "k2", a).starts_with(&stream_prefix("ks", "k")));
+        assert!(!row_key("ks", "k2", a).starts_with(&key_prefix("ks", "k")));
     }
 
     #[test]

@@ -26,6 +26,7 @@ mod error;
 pub mod layout;
 pub mod logs;
 pub mod offload;
+mod sets;
 pub mod snapshot;
 mod store;
 

@@ -20,9 +20,10 @@
 //!
 //! [`covers`]: SnapshotCursor::covers
 
+use std::collections::BTreeSet;
 use std::ops::Bound;
 
-use concord_core::crdt::{Field, Stream, StreamId, StreamOp};
+use concord_core::crdt::{Crdt, Field, Stream, StreamId, StreamOp};
 use concord_core::limits::check_keyspace_name;
 use concord_core::{CrdtType, Hlc, KeyspaceId, Marker, ReplicaId, Value, VersionVector};
 use sled::Transactional;
@@ -30,9 +31,10 @@ use sled::Transactional;
 use crate::error::Result;
 use crate::layout;
 use crate::logs::TRUNCATE_CHUNK_ENTRIES;
+use crate::sets::{MemberOverlay, TxSet};
 use crate::store::{
     decode_value, from_tx, tx_declare, tx_put_row, tx_raise_hlc, tx_raise_watermark, tx_value,
-    RowOverlay, Store,
+    Overlay, Store,
 };
 
 /// A keyspace declaration carried by a snapshot.
@@ -188,7 +190,14 @@ impl Store {
                     for item in self.t.values.range(after(&last)) {
                         let (k, v) = item?;
                         let (keyspace, key) = layout::parse_value_key(&k)?;
-                        let value = decode_value(&v, keyspace.ty)?;
+                        let value = if keyspace.ty == CrdtType::Set {
+                            // Read whole, header and members of one commit.
+                            let (set, member_bytes) = self.whole_set(&keyspace.name, &key, &k)?;
+                            bytes += member_bytes;
+                            Value::Set(set)
+                        } else {
+                            decode_value(&v, keyspace.ty)?
+                        };
                         bytes += k.len() + v.len();
                         chunk.values.push(SnapshotValue {
                             keyspace,
@@ -298,10 +307,26 @@ impl Store {
             }
         }
         let writer = self.lock_writer();
-        let trimmed = (&self.t.catalog, &self.t.values, &self.t.rows, &self.t.meta)
-            .transaction(|(catalog, values, rows, meta)| {
+        let mut preloaded = Overlay::default();
+        preloaded.members = MemberOverlay::preload(
+            &self.t.members,
+            chunk
+                .values
+                .iter()
+                .filter(|v| v.keyspace.ty == CrdtType::Set)
+                .map(|v| (v.keyspace.name.as_str(), v.key.as_str())),
+        )?;
+        let trees = (
+            &self.t.catalog,
+            &self.t.values,
+            &self.t.rows,
+            &self.t.members,
+            &self.t.meta,
+        );
+        let trimmed = trees
+            .transaction(|(catalog, values, rows, members, meta)| {
                 let mut trimmed = false;
-                let mut overlay = RowOverlay::default();
+                let mut overlay = preloaded.clone();
                 for d in &chunk.declarations {
                     tx_declare(catalog, &d.name, d.ty, d.marker)?;
                 }
@@ -325,6 +350,15 @@ impl Store {
                                     tx_put_row(rows, &mut overlay, name, &v.key, id, fields)?;
                                 }
                             }
+                        }
+                        (Value::Set(_), Value::Set(theirs)) => {
+                            let set = TxSet::of(&v.keyspace, &v.key);
+                            let mut mine = set.whole(values, &overlay)?;
+                            let mut touched: BTreeSet<Vec<u8>> =
+                                mine.members().into_iter().collect();
+                            mine.merge(theirs);
+                            touched.extend(mine.members());
+                            set.store(values, members, &mut overlay, &mine, &touched)?;
                         }
                         (current, theirs) => {
                             if let Err(e) = current.merge(theirs) {

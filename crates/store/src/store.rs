@@ -19,6 +19,7 @@ use crate::durability::{Durability, GroupCommit};
 use crate::error::{Result, StoreError};
 use crate::layout::{self, meta, trees, FORMAT_VERSION};
 use crate::offload::Offload;
+use crate::sets::{MemberOverlay, TxSet};
 
 /// Who a data directory belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,10 +211,20 @@ pub(crate) struct Trees {
     pub(crate) catalog: sled::Tree,
     pub(crate) values: sled::Tree,
     pub(crate) rows: sled::Tree,
+    pub(crate) members: sled::Tree,
     pub(crate) log: sled::Tree,
     pub(crate) vv: sled::Tree,
     pub(crate) acks: sled::Tree,
 }
+
+/// The trees a value operation touches inside a transaction: values,
+/// stream rows, set members, meta.
+pub(crate) type ValueTrees<'a> = (
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+    &'a TransactionalTree,
+);
 
 pub(crate) type TxResult<T> = std::result::Result<T, ConflictableTransactionError<StoreError>>;
 
@@ -251,15 +262,18 @@ impl Store {
             catalog: db.open_tree(trees::CATALOG)?,
             values: db.open_tree(trees::VALUES)?,
             rows: db.open_tree(trees::STREAM_ROWS)?,
+            members: db.open_tree(trees::SET_MEMBERS)?,
             log: db.open_tree(trees::LOG)?,
             vv: db.open_tree(trees::VV)?,
             acks: db.open_tree(trees::ACKS)?,
         };
         match t.meta.get(meta::FORMAT)? {
             None => {
-                let has_data = [&t.catalog, &t.values, &t.rows, &t.log, &t.vv, &t.acks]
-                    .iter()
-                    .any(|tree| !tree.is_empty());
+                let has_data = [
+                    &t.catalog, &t.values, &t.rows, &t.members, &t.log, &t.vv, &t.acks,
+                ]
+                .iter()
+                .any(|tree| !tree.is_empty());
                 if has_data {
                     return Err(StoreError::Corrupt(format!(
                         "{} holds data but no format record",
@@ -376,11 +390,13 @@ impl Store {
         &sled::Tree,
         &sled::Tree,
         &sled::Tree,
+        &sled::Tree,
     ) {
         (
             &self.t.catalog,
             &self.t.values,
             &self.t.rows,
+            &self.t.members,
             &self.t.log,
             &self.t.vv,
             &self.t.meta,
@@ -586,10 +602,22 @@ impl Store {
         let me = self.identity.replica;
         let limits = &self.options.limits;
         let first_seq = w.next_seq;
-        let preloaded = RowOverlay::preload(&self.t.rows, &self.row_needs_of_items(batches)?)?;
+        let mut preloaded = Overlay::preload(&self.t.rows, &self.row_needs_of_items(batches)?)?;
+        preloaded.members = MemberOverlay::preload(
+            &self.t.members,
+            batches
+                .iter()
+                .flat_map(|b| b.iter())
+                .filter_map(|item| match item {
+                    Item::Get { keyspace, key } if keyspace.ty == CrdtType::Set => {
+                        Some((keyspace.name.as_str(), key.as_str()))
+                    }
+                    _ => None,
+                }),
+        )?;
         let (per_batch, last_seq, logged, trimmed) = self
             .data_trees()
-            .transaction(|(catalog, values, rows, log, vv, meta)| {
+            .transaction(|(catalog, values, rows, members, log, vv, meta)| {
                 let mut seq = first_seq - 1;
                 let mut logged = 0u64;
                 let mut trimmed = false;
@@ -621,7 +649,15 @@ impl Store {
                                 if let Err(e) = limits.check_key(key) {
                                     return abort(e);
                                 }
-                                let current = tx_value(values, keyspace, key)?;
+                                let current = match intent {
+                                    Intent::SetAdd(named) | Intent::SetRemove(named)
+                                        if keyspace.ty == CrdtType::Set =>
+                                    {
+                                        let set = TxSet::of(keyspace, key);
+                                        Value::Set(set.slice(values, members, named)?.0)
+                                    }
+                                    _ => tx_value(values, keyspace, key)?,
+                                };
                                 let op = match current.prepare(me, hlc, intent, limits) {
                                     Ok(op) => op,
                                     Err(e) => return abort(e),
@@ -647,13 +683,20 @@ impl Store {
                                             Err(e) => return abort(e),
                                         };
                                         trimmed |= is_trim(&delta.op);
-                                        let value =
-                                            tx_apply(values, rows, meta, &mut overlay, &delta)?;
+                                        let value = tx_apply(
+                                            (values, rows, members, meta),
+                                            &mut overlay,
+                                            &delta,
+                                        )?;
                                         logged += bytes.len() as u64;
                                         log.insert(&layout::log_key(me, seq), bytes)?;
                                         ItemResult::Written { seq, hlc, value }
                                     }
                                 }
+                            }
+                            Item::Get { keyspace, key } if keyspace.ty == CrdtType::Set => {
+                                let set = TxSet::of(keyspace, key).whole(values, &overlay)?;
+                                ItemResult::Value(Value::Set(set))
                             }
                             Item::Get { keyspace, key } => {
                                 ItemResult::Value(tx_value(values, keyspace, key)?)
@@ -779,12 +822,12 @@ impl Store {
         let mut w = self.lock_writer();
         let (report, logged, trimmed) = self
             .data_trees()
-            .transaction(|(catalog, values, rows, log, vv, meta)| {
+            .transaction(|(catalog, values, rows, members, log, vv, meta)| {
                 let mut report = ApplyReport::default();
                 let mut seen: BTreeMap<ReplicaId, u64> = BTreeMap::new();
                 let mut logged: BTreeMap<ReplicaId, (u64, u64)> = BTreeMap::new();
                 let mut trimmed = false;
-                let mut overlay = RowOverlay::default();
+                let mut overlay = Overlay::default();
                 for (position, d) in deltas.iter().enumerate() {
                     let applied = match seen.get(&d.origin) {
                         Some(&s) => s,
@@ -811,7 +854,7 @@ impl Store {
                         Op::Declare(ty) => tx_declare(catalog, &d.keyspace, *ty, d.marker())?,
                         _ => {
                             trimmed |= is_trim(&d.op);
-                            tx_apply(values, rows, meta, &mut overlay, d)?;
+                            tx_apply((values, rows, members, meta), &mut overlay, d)?;
                         }
                     }
                     let bytes = d.encode();
@@ -870,7 +913,11 @@ impl Store {
     /// The value of one key; empty for a key never written. For a stream
     /// the value holds only the trim watermark: see [`Store::stream_range`].
     pub fn get(&self, keyspace: &KeyspaceId, key: &str) -> Result<Value> {
-        match self.t.values.get(layout::value_key(keyspace, key))? {
+        let vkey = layout::value_key(keyspace, key);
+        if keyspace.ty == CrdtType::Set {
+            return Ok(Value::Set(self.whole_set(&keyspace.name, key, &vkey)?.0));
+        }
+        match self.t.values.get(vkey)? {
             None => Ok(Value::empty(keyspace.ty)),
             Some(bytes) => decode_value(&bytes, keyspace.ty),
         }
@@ -957,7 +1004,11 @@ impl Store {
             }
             let key = std::str::from_utf8(&k[prefix.len()..])
                 .map_err(|_| StoreError::Corrupt("stored key is not UTF-8".into()))?;
-            out.push((key.to_string(), decode_value(&v, keyspace.ty)?));
+            let value = match keyspace.ty {
+                CrdtType::Set => Value::Set(self.whole_set(&keyspace.name, key, &k)?.0),
+                ty => decode_value(&v, ty)?,
+            };
+            out.push((key.to_string(), value));
         }
         Ok(out)
     }
@@ -1104,7 +1155,15 @@ fn open_db(path: &Path, options: &StoreOptions) -> Result<sled::Db> {
     }
 }
 
+/// Decodes a `values` record of a keyspace of type `ty`. For a set that is
+/// its header only: a set without members (see [`crate::sets`]).
 pub(crate) fn decode_value(bytes: &[u8], ty: CrdtType) -> Result<Value> {
+    if ty == CrdtType::Set {
+        let header = crate::sets::decode_header(bytes)?;
+        let set = concord_core::crdt::Set::from_parts(header, [])
+            .map_err(|e| StoreError::Corrupt(format!("set: {e}")))?;
+        return Ok(Value::Set(set));
+    }
     let value = Value::decode(bytes).map_err(|e| StoreError::Corrupt(format!("value: {e}")))?;
     if value.crdt_type() != ty {
         return Err(StoreError::Corrupt(format!(
@@ -1115,6 +1174,8 @@ pub(crate) fn decode_value(bytes: &[u8], ty: CrdtType) -> Result<Value> {
     Ok(value)
 }
 
+/// A key's `values` record inside a transaction (for a set, its header
+/// only: see [`decode_value`]).
 pub(crate) fn tx_value(values: &TransactionalTree, ks: &KeyspaceId, key: &str) -> TxResult<Value> {
     match values.get(layout::value_key(ks, key))? {
         None => Ok(Value::empty(ks.ty)),
@@ -1169,10 +1230,8 @@ pub(crate) fn tx_raise_hlc(meta: &TransactionalTree, hwm: Hlc) -> TxResult<()> {
 /// Applies a value operation inside a transaction and returns the value
 /// after it (for streams, the watermark only).
 fn tx_apply(
-    values: &TransactionalTree,
-    rows: &TransactionalTree,
-    meta: &TransactionalTree,
-    overlay: &mut RowOverlay,
+    (values, rows, members, meta): ValueTrees<'_>,
+    overlay: &mut Overlay,
     d: &Delta,
 ) -> TxResult<Value> {
     let Some(ty) = d.op.crdt_type() else {
@@ -1199,6 +1258,15 @@ fn tx_apply(
         (Value::Stream(stream), Op::Stream(StreamOp::Trim { before })) => {
             tx_raise_watermark(values, meta, &d.keyspace, &d.key, stream, *before)?;
         }
+        (Value::Set(_), Op::Set(op)) => {
+            let set = TxSet::of(&ks, &d.key);
+            let (mut slice, needed) = set.slice(values, members, op.members())?;
+            if let Err(e) = slice.apply(d.origin, op) {
+                return abort(e);
+            }
+            set.store(values, members, overlay, &slice, &needed)?;
+            value = Value::Set(slice);
+        }
         _ => {
             if let Err(e) = value.apply(d.origin, d.hlc, &d.op) {
                 return abort(e);
@@ -1215,7 +1283,7 @@ fn tx_apply(
 /// so that replicas cannot diverge.
 pub(crate) fn tx_put_row(
     rows: &TransactionalTree,
-    overlay: &mut RowOverlay,
+    overlay: &mut Overlay,
     name: &str,
     key: &str,
     id: StreamId,
@@ -1283,9 +1351,11 @@ pub(crate) fn is_trim(op: &Op) -> bool {
 /// cannot change meanwhile: every mutation holds the writer lock (the sweep
 /// deletes only rows below a committed watermark, which no read returns).
 #[derive(Default, Clone)]
-pub(crate) struct RowOverlay {
+pub(crate) struct Overlay {
     committed: BTreeMap<Vec<u8>, Vec<u8>>,
     pub(crate) inserted: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The same for the members of sets read whole.
+    pub(crate) members: MemberOverlay,
 }
 
 /// A range of one stream's committed rows a transaction will need.
@@ -1298,10 +1368,10 @@ struct RowNeed {
     limit: usize,
 }
 
-impl RowOverlay {
+impl Overlay {
     /// Reads the committed rows `needs` asks for.
-    fn preload(committed: &sled::Tree, needs: &[RowNeed]) -> Result<RowOverlay> {
-        let mut overlay = RowOverlay::default();
+    fn preload(committed: &sled::Tree, needs: &[RowNeed]) -> Result<Overlay> {
+        let mut overlay = Overlay::default();
         for need in needs {
             let Some(range) = layout::row_range(&need.name, &need.key, need.from, need.to) else {
                 continue;

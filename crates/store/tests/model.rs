@@ -223,23 +223,33 @@ proptest! {
             peer_time.advance(2);
             match step {
                 Step::Local(writes) => {
+                    // Each write is followed by a read of its key, which
+                    // must see the batch's writes up to it.
                     let items: Vec<Item> = writes
                         .iter()
-                        .map(|(k, intent)| {
+                        .flat_map(|(k, intent)| {
                             let ks = ks_of(intent);
                             let key = format!("k{k}");
                             let intent = concrete(intent, &model.stream(&ks, &key));
-                            Item::Write { keyspace: ks, key, intent }
+                            let read = Item::Get { keyspace: ks.clone(), key: key.clone() };
+                            [Item::Write { keyspace: ks, key, intent }, read]
                         })
                         .collect();
                     let receipt = store.write(&clock, &items).expect("write");
-                    for (item, result) in items.iter().zip(&receipt.results) {
-                        let (Item::Write { keyspace, key, intent }, ItemResult::Written { seq, hlc, .. }) = (item, result) else {
-                            prop_assert!(false, "unexpected result {result:?}");
+                    for (pair, results) in items.chunks(2).zip(receipt.results.chunks(2)) {
+                        let (Item::Write { keyspace, key, intent }, ItemResult::Written { seq, hlc, .. }) = (&pair[0], &results[0]) else {
+                            prop_assert!(false, "unexpected result {results:?}");
                             unreachable!()
                         };
                         let made = model.make(ME, *hlc, keyspace, key, intent);
                         prop_assert_eq!(made.map(|d| d.seq).unwrap_or(0), *seq);
+                        let ItemResult::Value(read) = &results[1] else {
+                            prop_assert!(false, "unexpected result {results:?}");
+                            unreachable!()
+                        };
+                        if keyspace.ty != CrdtType::Stream {
+                            prop_assert_eq!(read, &model.value(keyspace, key));
+                        }
                     }
                 }
                 Step::PeerWrites(writes) => {

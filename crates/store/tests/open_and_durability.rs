@@ -270,3 +270,43 @@ async fn sync_flushes_only_what_is_not_durable() {
     assert_eq!(store.version_vector().expect("vector"), seen);
     assert_eq!(store.applied(ReplicaId(1)).expect("applied"), 3);
 }
+
+#[test]
+fn a_corrupted_set_member_is_reported_and_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = clock();
+    let set = KeyspaceId {
+        name: "tags".into(),
+        ty: CrdtType::Set,
+    };
+    let add = |member: &[u8]| Item::Write {
+        keyspace: set.clone(),
+        key: "k".into(),
+        intent: Intent::SetAdd(vec![member.to_vec()]),
+    };
+    {
+        let store =
+            Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect("open");
+        store
+            .declare(&clock, "tags", CrdtType::Set)
+            .expect("declare");
+        store.write(&clock, &[add(b"a"), add(b"b")]).expect("write");
+        store.flush().expect("flush");
+    }
+    let row = concord_store::layout::member_key("tags", "k", b"a");
+    tamper(dir.path(), "set_members", &row, &[0xff, 0xff, 0xff]);
+    let store =
+        Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect("reopen");
+    // Reading the set whole, or writing the bad member, is an error that
+    // names the damage; nothing is applied.
+    let err = store.get(&set, "k").expect_err("corrupt");
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    assert!(err.to_string().contains("set member"), "{err}");
+    let before = store.version_vector().expect("vv");
+    let err = store.write(&clock, &[add(b"a")]).expect_err("corrupt");
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    assert_eq!(store.version_vector().expect("vv"), before);
+    // The set's other members are still written and read one by one.
+    let receipt = store.write(&clock, &[add(b"c")]).expect("write");
+    assert!(receipt.last_seq > 0);
+}

@@ -33,7 +33,7 @@ use crate::{Hlc, ReplicaId};
 
 pub use counter::{Counter, CounterOp, Direction};
 pub use register::{Register, RegisterOp};
-pub use set::{Set, SetOp};
+pub use set::{MemberDots, Set, SetHeader, SetOp};
 pub use stream::{Field, Stream, StreamEntry, StreamId, StreamOp};
 
 /// A state-based CRDT: states form a join-semilattice under [`Crdt::merge`].

@@ -10,8 +10,19 @@
 //! next expected one; [`Set::apply`] refuses it with
 //! [`CoreError::DotGap`] instead, so a missing delta is an error, never a
 //! silent loss.
+//!
+//! # Parts and slices
+//!
+//! A set's state splits into a [`SetHeader`] (the clock of every add seen
+//! and the removes still waiting for adds) and each member's
+//! [`MemberDots`]. A store keeps the header once per key and every member
+//! on its own, so that an operation reads and writes only what it touches:
+//! [`Set::from_parts`] given the header and only the members of
+//! [`SetHeader::slice_members`] is a *slice* on which preparing or applying
+//! that operation gives those members, and the header, exactly what the
+//! whole set would; every other member is untouched by it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crdts::orswot::Op as OrOp;
 use crdts::{CmRDT, CvRDT, Dot, Orswot, VClock};
@@ -26,6 +37,91 @@ use crate::ReplicaId;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Set {
     inner: Orswot<Vec<u8>, ReplicaId>,
+}
+
+/// The part of a set's state that belongs to no one member: the clock of
+/// every add the set has seen, and the removes deferred until the adds they
+/// observed arrive. See the [module docs](self).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetHeader {
+    clock: VClock<ReplicaId>,
+    deferred: HashMap<VClock<ReplicaId>, HashSet<Vec<u8>>>,
+}
+
+/// The dots of the adds that keep one member in a set; never empty (a
+/// member without dots is not in the set).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberDots(VClock<ReplicaId>);
+
+/// A member and the dots that keep it in its set.
+pub type Member = (Vec<u8>, MemberDots);
+
+/// crdts' `Orswot` as serde sees it: its fields are private to crdts, so a
+/// set is taken apart and put back together through its serde form, which
+/// this struct mirrors field for field. A test checks that the two still
+/// agree.
+#[derive(Serialize, Deserialize)]
+struct OrswotShape {
+    clock: VClock<ReplicaId>,
+    entries: HashMap<Vec<u8>, VClock<ReplicaId>>,
+    deferred: HashMap<VClock<ReplicaId>, HashSet<Vec<u8>>>,
+}
+
+/// Re-reads `from`'s serde form as a `T`.
+fn reshape<F: Serialize, T: serde::de::DeserializeOwned>(from: &F) -> Result<T> {
+    let bytes = postcard::to_stdvec(from).map_err(|e| CoreError::decode("set parts", e))?;
+    postcard::from_bytes(&bytes).map_err(|e| CoreError::decode("set parts", e))
+}
+
+/// Version byte in front of an encoded [`SetHeader`].
+const SET_HEADER_V1: u8 = 1;
+
+impl SetHeader {
+    /// The members a slice must hold for an operation, or the preparation
+    /// of an intent, naming `named`: those, and every member of a deferred
+    /// remove (an add may release it).
+    pub fn slice_members(&self, named: &[Vec<u8>]) -> BTreeSet<Vec<u8>> {
+        let mut out: BTreeSet<Vec<u8>> = named.iter().cloned().collect();
+        for members in self.deferred.values() {
+            out.extend(members.iter().cloned());
+        }
+        out
+    }
+
+    /// Encodes the header: a format version byte, then postcard.
+    pub fn encode(&self) -> Vec<u8> {
+        crate::codec::encode(SET_HEADER_V1, self)
+    }
+
+    /// Decodes what [`SetHeader::encode`] wrote. Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<SetHeader> {
+        crate::codec::decode("set header", SET_HEADER_V1, bytes)
+    }
+}
+
+impl MemberDots {
+    /// Encodes the dots (postcard; the store's format version covers it).
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing plain data into a Vec cannot fail.
+        postcard::to_stdvec(&self.0).unwrap_or_default()
+    }
+
+    /// Decodes what [`MemberDots::encode`] wrote, refusing trailing bytes
+    /// and an empty clock. Never panics.
+    pub fn decode(bytes: &[u8]) -> Result<MemberDots> {
+        let (clock, rest): (VClock<ReplicaId>, _) =
+            postcard::take_from_bytes(bytes).map_err(|e| CoreError::decode("member dots", e))?;
+        if !rest.is_empty() {
+            return Err(CoreError::decode(
+                "member dots",
+                format!("{} trailing bytes", rest.len()),
+            ));
+        }
+        if clock.is_empty() {
+            return Err(CoreError::decode("member dots", "no dots"));
+        }
+        Ok(MemberDots(clock))
+    }
 }
 
 /// A set operation.
@@ -68,6 +164,37 @@ impl Set {
     /// True when the set has no members.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Splits the state into its header and every member's dots, members
+    /// sorted bytewise.
+    pub fn into_parts(&self) -> Result<(SetHeader, Vec<Member>)> {
+        let shape: OrswotShape = reshape(&self.inner)?;
+        let mut members: Vec<Member> = shape
+            .entries
+            .into_iter()
+            .map(|(m, dots)| (m, MemberDots(dots)))
+            .collect();
+        members.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let header = SetHeader {
+            clock: shape.clock,
+            deferred: shape.deferred,
+        };
+        Ok((header, members))
+    }
+
+    /// Puts a state together from its header and members' dots: the whole
+    /// set given every member, a slice given some (see the
+    /// [module docs](self)).
+    pub fn from_parts(header: SetHeader, members: impl IntoIterator<Item = Member>) -> Result<Set> {
+        let shape = OrswotShape {
+            clock: header.clock,
+            entries: members.into_iter().map(|(m, d)| (m, d.0)).collect(),
+            deferred: header.deferred,
+        };
+        Ok(Set {
+            inner: reshape(&shape)?,
+        })
     }
 
     /// Highest dot counter of `replica` this set has seen.
@@ -157,6 +284,13 @@ impl Set {
 }
 
 impl SetOp {
+    /// The members the operation adds or removes.
+    pub fn members(&self) -> &[Vec<u8>] {
+        match self {
+            SetOp::Add { members, .. } | SetOp::Remove { members, .. } => members,
+        }
+    }
+
     /// Checks the members against `limits`.
     pub fn validate(&self, limits: &Limits) -> Result<()> {
         let members = match self {
