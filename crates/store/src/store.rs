@@ -1,6 +1,6 @@
 //! The region store: open, write, apply, read.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -128,7 +128,8 @@ pub enum ItemResult {
         seq: u64,
         /// The write's timestamp; for a stream append, the entry id's.
         hlc: Hlc,
-        /// The value after the write (for streams, the watermark only).
+        /// The value after the write (for streams, the watermark only;
+        /// for sets, only the members the write touched).
         value: Value,
     },
     /// A read's value (empty for a key never written).
@@ -623,6 +624,7 @@ impl Store {
                 let mut trimmed = false;
                 let mut overlay = preloaded.clone();
                 let mut stamps = hlcs.iter();
+                let mut declared: BTreeSet<&KeyspaceId> = BTreeSet::new();
                 let mut per_batch = Vec::with_capacity(batches.len());
                 for items in batches {
                     let batch_first = seq + 1;
@@ -637,15 +639,20 @@ impl Store {
                                 let Some(&hlc) = stamps.next() else {
                                     return abort(StoreError::Corrupt("missing stamp".into()));
                                 };
-                                if catalog
-                                    .get(layout::catalog_key(&keyspace.name, keyspace.ty))?
-                                    .is_none()
+                                // The catalog cannot change inside the
+                                // transaction: each keyspace is looked up
+                                // once.
+                                if !declared.contains(&keyspace)
+                                    && catalog
+                                        .get(layout::catalog_key(&keyspace.name, keyspace.ty))?
+                                        .is_none()
                                 {
                                     return abort(StoreError::UnknownKeyspace {
                                         name: keyspace.name.clone(),
                                         ty: keyspace.ty,
                                     });
                                 }
+                                declared.insert(keyspace);
                                 if let Err(e) = limits.check_key(key) {
                                     return abort(e);
                                 }
@@ -687,6 +694,7 @@ impl Store {
                                             (values, rows, members, meta),
                                             &mut overlay,
                                             &delta,
+                                            Some(current),
                                         )?;
                                         logged += bytes.len() as u64;
                                         log.insert(&layout::log_key(me, seq), bytes)?;
@@ -854,7 +862,7 @@ impl Store {
                         Op::Declare(ty) => tx_declare(catalog, &d.keyspace, *ty, d.marker())?,
                         _ => {
                             trimmed |= is_trim(&d.op);
-                            tx_apply((values, rows, members, meta), &mut overlay, d)?;
+                            tx_apply((values, rows, members, meta), &mut overlay, d, None)?;
                         }
                     }
                     let bytes = d.encode();
@@ -1228,11 +1236,14 @@ pub(crate) fn tx_raise_hlc(meta: &TransactionalTree, hwm: Hlc) -> TxResult<()> {
 }
 
 /// Applies a value operation inside a transaction and returns the value
-/// after it (for streams, the watermark only).
+/// after it (for streams, the watermark only; for sets, the members it
+/// touched). `current` is the key's `values` record when the caller has
+/// just read it in this transaction (a set reads its own slice).
 fn tx_apply(
     (values, rows, members, meta): ValueTrees<'_>,
     overlay: &mut Overlay,
     d: &Delta,
+    current: Option<Value>,
 ) -> TxResult<Value> {
     let Some(ty) = d.op.crdt_type() else {
         return abort(CoreError::Invalid {
@@ -1245,7 +1256,10 @@ fn tx_apply(
         ty,
     };
     let vkey = layout::value_key(&ks, &d.key);
-    let mut value = tx_value(values, &ks, &d.key)?;
+    let mut value = match current {
+        Some(value) => value,
+        None => tx_value(values, &ks, &d.key)?,
+    };
     match (&mut value, &d.op) {
         (Value::Stream(stream), Op::Stream(StreamOp::Append { fields })) => {
             let id = StreamId::new(d.hlc, d.origin);
