@@ -794,6 +794,12 @@ impl Store {
                 count,
             } = item
             {
+                // Another type's range read fails in the transaction; its
+                // value is not read here (a set's whole read would take
+                // the writer lock this caller holds).
+                if keyspace.ty != CrdtType::Stream {
+                    continue;
+                }
                 let committed = match self.get(keyspace, key)? {
                     Value::Stream(s) => s.trimmed_before(),
                     _ => StreamId::MIN,

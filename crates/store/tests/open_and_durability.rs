@@ -310,3 +310,39 @@ fn a_corrupted_set_member_is_reported_and_left_alone() {
     let receipt = store.write(&clock, &[add(b"c")]).expect("write");
     assert!(receipt.last_seq > 0);
 }
+
+#[test]
+fn a_range_read_of_a_set_is_a_type_mismatch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = clock();
+    let store =
+        Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect("open");
+    store
+        .declare(&clock, "tags", CrdtType::Set)
+        .expect("declare");
+    let set = KeyspaceId {
+        name: "tags".into(),
+        ty: CrdtType::Set,
+    };
+    let add = Item::Write {
+        keyspace: set.clone(),
+        key: "k".into(),
+        intent: Intent::SetAdd(vec![b"a".to_vec()]),
+    };
+    store.write(&clock, &[add]).expect("write");
+    let range = Item::StreamRange {
+        keyspace: set,
+        key: "k".into(),
+        from: concord_core::crdt::StreamId::MIN,
+        to: concord_core::crdt::StreamId::MAX,
+        count: 10,
+    };
+    let err = store.write(&clock, &[range]).expect_err("mismatch");
+    assert!(
+        matches!(
+            err,
+            StoreError::Core(concord_core::CoreError::TypeMismatch { .. })
+        ),
+        "{err}"
+    );
+}
