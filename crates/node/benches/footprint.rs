@@ -28,7 +28,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{cluster, converged, processes, Region, REGIONS};
+use common::{cluster, converged, processes, status, Region, REGIONS};
 use concord_core::{CrdtType, KeyspaceId, Value};
 use concord_proto::v1 as pb;
 use concord_store::layout::member_key;
@@ -83,30 +83,28 @@ async fn create(region: &Region, name: &str, ty: pb::CrdtType) {
         .expect("create keyspace");
 }
 
-async fn set_add(region: &Region, keyspace: &str, members: Vec<Vec<u8>>) {
-    region
-        .client
-        .clone()
-        .set_add(pb::SetAddRequest {
-            keyspace: keyspace.into(),
-            key: "k".into(),
-            members,
-        })
-        .await
-        .expect("set add");
-}
-
-async fn set_remove(region: &Region, keyspace: &str, members: Vec<Vec<u8>>) {
-    region
-        .client
-        .clone()
-        .set_remove(pb::SetRemoveRequest {
-            keyspace: keyspace.into(),
-            key: "k".into(),
-            members,
-        })
-        .await
-        .expect("set remove");
+/// Adds (`add`) or removes members of the set at key `k`.
+async fn set_change(region: &Region, keyspace: &str, add: bool, members: Vec<Vec<u8>>) {
+    let mut client = region.client.clone();
+    let (keyspace, key) = (keyspace.to_string(), "k".to_string());
+    let done = if add {
+        client
+            .set_add(pb::SetAddRequest {
+                keyspace,
+                key,
+                members,
+            })
+            .await
+    } else {
+        client
+            .set_remove(pb::SetRemoveRequest {
+                keyspace,
+                key,
+                members,
+            })
+            .await
+    };
+    done.expect("set change");
 }
 
 /// Adds members `from..to`, `FILL_CHUNK` per request.
@@ -114,21 +112,15 @@ async fn fill(region: &Region, keyspace: &str, from: u64, to: u64) {
     let mut i = from;
     while i < to {
         let end = (i + FILL_CHUNK).min(to);
-        set_add(region, keyspace, (i..end).map(member).collect()).await;
+        set_change(region, keyspace, true, (i..end).map(member).collect()).await;
         i = end;
     }
 }
 
 /// Bytes `region` has received from replica `from`.
 async fn received_from(region: &Region, from: u32) -> u64 {
-    let status = region
-        .client
-        .clone()
-        .status(pb::StatusRequest {})
+    status(region)
         .await
-        .expect("status")
-        .into_inner();
-    status
         .peers
         .iter()
         .find(|p| p.replica_id == from)
@@ -152,20 +144,22 @@ async fn churn(regions: &[Region], members: u64) {
 
     let before = received_from(&regions[1], 1).await;
     for i in 0..half {
-        set_remove(&regions[0], ks, vec![member(i)]).await;
-        set_add(&regions[0], ks, vec![member(members + i)]).await;
+        set_change(&regions[0], ks, false, vec![member(i)]).await;
+        set_change(&regions[0], ks, true, vec![member(members + i)]).await;
     }
     assert!(converged(regions, Duration::from_secs(60)).await);
     let unary = received_from(&regions[1], 1).await - before;
 
     let before = received_from(&regions[1], 1).await;
-    set_remove(&regions[0], ks, (half..2 * half).map(member).collect()).await;
-    set_add(
+    set_change(
         &regions[0],
         ks,
-        (members + half..members + 2 * half).map(member).collect(),
+        false,
+        (half..2 * half).map(member).collect(),
     )
     .await;
+    let added = (members + half..members + 2 * half).map(member).collect();
+    set_change(&regions[0], ks, true, added).await;
     assert!(converged(regions, Duration::from_secs(60)).await);
     let batched = received_from(&regions[1], 1).await - before;
 

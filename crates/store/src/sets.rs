@@ -105,7 +105,8 @@ fn tx_header(values: &TransactionalTree, vkey: &[u8]) -> TxResult<SetHeader> {
     }
 }
 
-fn from_parts(
+/// [`Set::from_parts`], its failure reported as a corrupt store.
+pub(crate) fn from_parts(
     header: SetHeader,
     members: impl IntoIterator<Item = (Vec<u8>, MemberDots)>,
 ) -> Result<Set> {

@@ -1174,9 +1174,7 @@ fn open_db(path: &Path, options: &StoreOptions) -> Result<sled::Db> {
 pub(crate) fn decode_value(bytes: &[u8], ty: CrdtType) -> Result<Value> {
     if ty == CrdtType::Set {
         let header = crate::sets::decode_header(bytes)?;
-        let set = concord_core::crdt::Set::from_parts(header, [])
-            .map_err(|e| StoreError::Corrupt(format!("set: {e}")))?;
-        return Ok(Value::Set(set));
+        return Ok(Value::Set(crate::sets::from_parts(header, [])?));
     }
     let value = Value::decode(bytes).map_err(|e| StoreError::Corrupt(format!("value: {e}")))?;
     if value.crdt_type() != ty {

@@ -156,19 +156,25 @@ pub async fn cluster(dir: &std::path::Path, cut: Arc<AtomicBool>) -> Vec<Region>
     regions
 }
 
+/// A region's status report.
+pub async fn status(region: &Region) -> pb::StatusResponse {
+    region
+        .client
+        .clone()
+        .status(pb::StatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+/// Waits until every region has applied the same deltas; false when
+/// `timeout` passes first.
 pub async fn converged(regions: &[Region], timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         let mut vvs = Vec::new();
         for r in regions {
-            let status = r
-                .client
-                .clone()
-                .status(pb::StatusRequest {})
-                .await
-                .expect("status")
-                .into_inner();
-            vvs.push(status.applied.map(|a| a.seqs));
+            vvs.push(status(r).await.applied.map(|a| a.seqs));
         }
         if vvs.windows(2).all(|w| w[0] == w[1]) {
             return true;
