@@ -270,20 +270,26 @@ impl Provider {
         // log reader enforces it, and returns at least one delta), so the
         // deltas need not be encoded again to count them.
         let share = BATCH_MAX_BYTES / wanted.len();
-        let read = blocking(&self.engine, move |store| {
-            let mut batch = Vec::new();
-            for (origin, sent, upto) in wanted {
-                let room = BATCH_MAX_DELTAS - batch.len();
-                if room == 0 {
-                    break;
-                }
-                let want = usize::try_from(upto - sent).unwrap_or(usize::MAX).min(room);
-                let deltas = store.log_from(origin, sent + 1, want, share)?;
-                batch.extend(deltas.into_iter().filter(|d| d.seq <= upto));
+        // A provider keeping up asks only for the newest deltas, which the
+        // store keeps in memory: no trip to the blocking pool, no wait for
+        // a transaction holding sled's lock.
+        let recent = gather(&wanted, |origin, from, want| {
+            self.engine
+                .store()
+                .recent_log_from(origin, from, want, share)
+                .ok_or(())
+        });
+        let read = match recent {
+            Ok(batch) => Ok(batch),
+            Err(()) => {
+                blocking(&self.engine, move |store| {
+                    gather(&wanted, |origin, from, want| {
+                        store.log_from(origin, from, want, share)
+                    })
+                })
+                .await
             }
-            Ok(batch)
-        })
-        .await;
+        };
         match read {
             Ok(batch) if batch.is_empty() => Ok(Pending::Nothing),
             Ok(batch) => Ok(Pending::Deltas(batch)),
@@ -368,6 +374,27 @@ async fn send(
 }
 
 /// The origins a subscriber asked for; `None` (all) when the list is empty.
+/// The next batch for a subscriber: for each wanted `(origin, sent,
+/// upto)`, the deltas after `sent` up to `upto`, as `read(origin, from,
+/// count)` returns them (it enforces each origin's share of the byte
+/// budget), at most [`BATCH_MAX_DELTAS`] in all.
+fn gather<E>(
+    wanted: &[(ReplicaId, u64, u64)],
+    mut read: impl FnMut(ReplicaId, u64, usize) -> Result<Vec<concord_core::Delta>, E>,
+) -> Result<Vec<concord_core::Delta>, E> {
+    let mut batch = Vec::new();
+    for &(origin, sent, upto) in wanted {
+        let room = BATCH_MAX_DELTAS - batch.len();
+        if room == 0 {
+            break;
+        }
+        let want = usize::try_from(upto - sent).unwrap_or(usize::MAX).min(room);
+        let deltas = read(origin, sent + 1, want)?;
+        batch.extend(deltas.into_iter().filter(|d| d.seq <= upto));
+    }
+    Ok(batch)
+}
+
 pub(crate) fn origins(list: &[u32]) -> Option<BTreeSet<ReplicaId>> {
     (!list.is_empty()).then(|| list.iter().map(|&r| ReplicaId(r)).collect())
 }

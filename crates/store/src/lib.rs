@@ -10,6 +10,8 @@
 //!   per-origin log size cap, and the sweep of trimmed stream rows.
 //! - [`offload`]: where blocking work runs: tokio's blocking pool, or
 //!   inline on a deterministic single-threaded runtime.
+//! - [`recent`]: the newest deltas of every log, kept in memory for the
+//!   peers tailing them.
 //! - [`snapshot`]: chunked export of the whole state and its import by
 //!   CvRDT merge, for catch-up.
 //! - [`StoreError`]: the crate's one error type.
@@ -26,6 +28,7 @@ mod error;
 pub mod layout;
 pub mod logs;
 pub mod offload;
+pub mod recent;
 mod sets;
 pub mod snapshot;
 mod store;

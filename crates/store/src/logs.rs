@@ -184,6 +184,7 @@ impl Store {
         let range = layout::log_key(origin, 0)..=layout::log_key(origin, through);
         let mut batch = sled::Batch::default();
         let (mut entries, mut bytes) = (0u64, 0u64);
+        let mut last_removed = 0;
         let mut iter = self.t.log.range(range).peekable();
         while let Some(item) = iter.next() {
             if entries as usize >= max_entries || min_bytes.is_some_and(|m| bytes >= m) {
@@ -193,12 +194,14 @@ impl Store {
                 break;
             }
             let (k, v) = item?;
+            last_removed = layout::parse_u64("log key", k.get(4..).unwrap_or_default())?;
             batch.remove(k);
             entries += 1;
             bytes += v.len() as u64;
         }
         if entries > 0 {
             self.t.log.apply_batch(batch)?;
+            self.lock_recent().drop_through(origin, last_removed);
             let u = w.logs.entry(origin).or_default();
             u.entries = u.entries.saturating_sub(entries);
             u.bytes = u.bytes.saturating_sub(bytes);

@@ -19,6 +19,7 @@ use crate::durability::{Durability, GroupCommit};
 use crate::error::{Result, StoreError};
 use crate::layout::{self, meta, trees, FORMAT_VERSION};
 use crate::offload::Offload;
+use crate::recent::Recent;
 use crate::sets::{MemberOverlay, TxSet};
 
 /// Who a data directory belongs to.
@@ -182,6 +183,10 @@ pub struct Store {
     /// other sled operation while it runs, and the peer links and
     /// providers read the vector on async workers after every batch.
     applied: Mutex<VersionVector>,
+    /// The newest deltas of every log, pushed after each commit under the
+    /// writer lock and before [`Store::applied`] shows them; read by log
+    /// tailers without sled ([`crate::recent`]).
+    recent: Mutex<Recent>,
     pub(crate) group: GroupCommit,
     /// Set when a trim left rows below a watermark to delete.
     pub(crate) sweep_pending: AtomicBool,
@@ -330,6 +335,7 @@ impl Store {
                 logs: BTreeMap::new(),
             }),
             applied: Mutex::new(VersionVector::new()),
+            recent: Mutex::new(Recent::default()),
             group: GroupCommit::new(),
             sweep_pending: AtomicBool::new(false),
             sweeper: Mutex::new(()),
@@ -520,9 +526,11 @@ impl Store {
             })
             .map_err(from_tx)?;
         let commit = self.group.committed();
-        self.lock_applied().advance(delta.origin, seq);
-        w.next_seq = seq + 1;
         let logged = bytes.len() as u64;
+        let origin = delta.origin;
+        self.lock_recent().push(delta, bytes.len());
+        self.lock_applied().advance(origin, seq);
+        w.next_seq = seq + 1;
         self.account_log(&mut w, self.identity.replica, 1, logged);
         drop(w);
         let receipt = WriteReceipt {
@@ -616,11 +624,12 @@ impl Store {
                     _ => None,
                 }),
         )?;
-        let (per_batch, last_seq, logged, trimmed) = self
+        let (per_batch, last_seq, logged, trimmed, fresh) = self
             .data_trees()
             .transaction(|(catalog, values, rows, members, log, vv, meta)| {
                 let mut seq = first_seq - 1;
                 let mut logged = 0u64;
+                let mut fresh = Vec::new();
                 let mut trimmed = false;
                 let mut overlay = preloaded.clone();
                 let mut stamps = hlcs.iter();
@@ -697,7 +706,9 @@ impl Store {
                                             Some(current),
                                         )?;
                                         logged += bytes.len() as u64;
+                                        let size = bytes.len();
                                         log.insert(&layout::log_key(me, seq), bytes)?;
+                                        fresh.push((delta, size));
                                         ItemResult::Written { seq, hlc, value }
                                     }
                                 }
@@ -742,12 +753,17 @@ impl Store {
                     vv.insert(&layout::replica_key(me), &seq.to_be_bytes())?;
                 }
                 tx_raise_hlc(meta, hwm)?;
-                Ok((per_batch, seq, logged, trimmed))
+                Ok((per_batch, seq, logged, trimmed, fresh))
             })
             .map_err(from_tx)?;
         let wrote = last_seq >= first_seq;
         let commit = wrote.then(|| self.group.committed());
         if wrote {
+            let mut recent = self.lock_recent();
+            for (delta, size) in fresh {
+                recent.push(delta, size);
+            }
+            drop(recent);
             self.lock_applied().advance(me, last_seq);
         }
         w.next_seq = last_seq + 1;
@@ -834,7 +850,7 @@ impl Store {
         }
         let me = self.identity.replica;
         let mut w = self.lock_writer();
-        let (report, logged, trimmed) = self
+        let (report, logged, trimmed, sizes) = self
             .data_trees()
             .transaction(|(catalog, values, rows, members, log, vv, meta)| {
                 let mut report = ApplyReport::default();
@@ -842,6 +858,7 @@ impl Store {
                 let mut logged: BTreeMap<ReplicaId, (u64, u64)> = BTreeMap::new();
                 let mut trimmed = false;
                 let mut overlay = Overlay::default();
+                let mut sizes = Vec::new();
                 for (position, d) in deltas.iter().enumerate() {
                     let applied = match seen.get(&d.origin) {
                         Some(&s) => s,
@@ -875,6 +892,7 @@ impl Store {
                     let entry = logged.entry(d.origin).or_default();
                     entry.0 += 1;
                     entry.1 += bytes.len() as u64;
+                    sizes.push(bytes.len());
                     log.insert(&layout::log_key(d.origin, d.seq), bytes)?;
                     seen.insert(d.origin, d.seq);
                     report.applied += 1;
@@ -886,10 +904,16 @@ impl Store {
                 if report.applied > 0 {
                     tx_raise_hlc(meta, hwm)?;
                 }
-                Ok((report, logged, trimmed))
+                Ok((report, logged, trimmed, sizes))
             })
             .map_err(from_tx)?;
         let commit = (report.applied > 0).then(|| self.group.committed());
+        {
+            let mut recent = self.lock_recent();
+            for (&i, &size) in report.fresh.iter().zip(&sizes) {
+                recent.push(deltas[i].clone(), size);
+            }
+        }
         {
             let mut applied = self.lock_applied();
             for &i in &report.fresh {
@@ -1055,6 +1079,30 @@ impl Store {
         self.applied.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub(crate) fn lock_recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        // Pushes and drops leave it consistent at every step, so a
+        // poisoned lock is still usable.
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// [`Store::log_from`] from memory only: the newest deltas of
+    /// `origin`'s log from `from_seq` on, when `from_seq` is among the
+    /// deltas kept in memory; `None` when the log itself must be read.
+    /// Never waits for sled, so it may be called on an async worker.
+    pub fn recent_log_from(
+        &self,
+        origin: ReplicaId,
+        from_seq: u64,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Option<Vec<Delta>> {
+        if max_count == 0 {
+            return Some(Vec::new());
+        }
+        self.lock_recent()
+            .from(origin, from_seq.max(1), max_count, max_bytes)
+    }
+
     /// The `vv` tree as stored.
     fn read_version_vector(&self) -> Result<VersionVector> {
         let mut vv = VersionVector::new();
@@ -1081,8 +1129,8 @@ impl Store {
         max_bytes: usize,
     ) -> Result<Vec<Delta>> {
         let from_seq = from_seq.max(1);
-        if max_count == 0 {
-            return Ok(Vec::new());
+        if let Some(recent) = self.recent_log_from(origin, from_seq, max_count, max_bytes) {
+            return Ok(recent);
         }
         // Read before the log: every seq up to `applied` was in the log
         // when it was read, so only a truncation can have removed one.

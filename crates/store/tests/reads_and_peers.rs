@@ -282,3 +282,64 @@ fn a_directory_in_use_is_refused_after_bounded_retries() {
     .expect_err("in use");
     assert!(matches!(err, StoreError::InUse { .. }), "{err}");
 }
+
+/// The newest deltas are served from memory (`recent_log_from`); what that
+/// returns must be what the log on disk holds, through truncations, and a
+/// reader below the floor must still be sent to a snapshot.
+#[test]
+fn log_tails_from_memory_match_the_log_on_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = clock();
+    let mut from_memory = Vec::new();
+    {
+        let store = open(dir.path());
+        store
+            .declare(&clock, "events", CrdtType::Stream)
+            .expect("declare");
+        store
+            .declare(&clock, "hits", CrdtType::Counter)
+            .expect("declare");
+        for i in 0..40 {
+            store
+                .write(&clock, &[append(&format!("e{i}"))])
+                .expect("append");
+        }
+        let remote: Vec<Delta> = (1..=30).map(|s| counter_delta(s, s)).collect();
+        store
+            .apply_remote(&remote, clock.now().expect("now"))
+            .expect("apply");
+        let truncate: VersionVector = [(ME, 10), (PEER, 5)].into_iter().collect();
+        store.truncate_logs(&truncate).expect("truncate");
+        for origin in [ME, PEER] {
+            // Below the floor: not in memory, and the log says truncated.
+            assert_eq!(store.recent_log_from(origin, 5, 100, usize::MAX), None);
+            assert!(matches!(
+                store.log_from(origin, 5, 100, usize::MAX),
+                Err(StoreError::Truncated { .. })
+            ));
+            let tail = store
+                .recent_log_from(origin, 11, 100, usize::MAX)
+                .expect("the newest deltas are in memory");
+            assert_eq!(tail.first().map(|d| d.seq), Some(11));
+            from_memory.push(tail);
+        }
+        // Count and byte limits hold as on disk: at least one delta.
+        assert_eq!(
+            store
+                .recent_log_from(ME, 11, 3, usize::MAX)
+                .map(|d| d.len()),
+            Some(3)
+        );
+        assert_eq!(
+            store.recent_log_from(ME, 11, 100, 1).map(|d| d.len()),
+            Some(1)
+        );
+    }
+    // Reopened, memory is empty and the same ranges come from sled.
+    let store = open(dir.path());
+    for (origin, expected) in [ME, PEER].into_iter().zip(from_memory) {
+        assert_eq!(store.recent_log_from(origin, 11, 100, usize::MAX), None);
+        let on_disk = store.log_from(origin, 11, 100, usize::MAX).expect("log");
+        assert_eq!(on_disk, expected, "origin {origin}");
+    }
+}
