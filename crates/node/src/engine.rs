@@ -63,7 +63,7 @@ impl Engine {
     /// ends when the last clone of the engine is dropped.
     pub fn new(store: Arc<Store>, clock: Arc<Clock>) -> Self {
         let (writer, jobs) = mpsc::channel(WRITE_QUEUE);
-        tokio::spawn(write_loop(store.clone(), clock.clone(), jobs));
+        spawn_writer(store.clone(), clock.clone(), jobs);
         // What the store holds after opening is on disk. Should the read
         // fail, 0 is the safe side: own deltas then wait for the next
         // durable write before they are shipped.
@@ -214,38 +214,94 @@ impl Engine {
     }
 }
 
-/// The writer: takes every batch waiting (up to [`MAX_COALESCED_OPS`]
-/// operations), runs them in as few transactions as it can, answers each.
-async fn write_loop(store: Arc<Store>, clock: Arc<Clock>, mut jobs: mpsc::Receiver<WriteJob>) {
-    let mut next = None;
-    loop {
-        let first = match next.take() {
-            Some(job) => job,
-            None => match jobs.recv().await {
-                Some(job) => job,
-                None => return,
-            },
-        };
-        let mut ops = first.ops.len();
-        let mut group = vec![first];
-        while ops < MAX_COALESCED_OPS {
-            let Ok(job) = jobs.try_recv() else { break };
-            if ops + job.ops.len() > MAX_COALESCED_OPS {
-                next = Some(job);
-                break;
+/// Starts the writer, which ends when the last sender is dropped.
+///
+/// With [`Offload::Pool`](concord_store::Offload::Pool) the writer is a
+/// thread of its own that blocks on the store: every client write passes
+/// through it, and a thread that is already running when the next batches
+/// arrive takes them without a wake-up, where a task handing each group to
+/// tokio's blocking pool paid two thread switches per group (about a fifth
+/// of the node's CPU under 50 unary clients; docs/BENCHMARKS.md). With
+/// [`Offload::Inline`](concord_store::Offload::Inline) — a deterministic,
+/// single-threaded runtime — it is a task that runs each group inline, so
+/// no second thread decides when a result comes back.
+fn spawn_writer(store: Arc<Store>, clock: Arc<Clock>, mut jobs: mpsc::Receiver<WriteJob>) {
+    if store.offload() == concord_store::Offload::Inline {
+        tokio::spawn(async move {
+            let mut held = None;
+            loop {
+                let first = match held.take() {
+                    Some(job) => job,
+                    None => match jobs.recv().await {
+                        Some(job) => job,
+                        None => return,
+                    },
+                };
+                let group = next_group(first, &mut jobs, &mut held);
+                answer(run_group(&store, &clock, group));
             }
-            ops += job.ops.len();
-            group.push(job);
-        }
-        let (store, clock) = (store.clone(), clock.clone());
-        let offload = store.offload();
-        // Should the store task fail, the replies are dropped with it and
-        // every caller is told so.
-        if let Ok(done) = offload.run(move || run_group(&store, &clock, group)).await {
-            for (reply, result) in done {
-                let _ = reply.send(result);
+        });
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("concord-writer".into())
+        .spawn(move || {
+            let mut held = None;
+            loop {
+                let first = match held.take() {
+                    Some(job) => job,
+                    None => match jobs.blocking_recv() {
+                        Some(job) => job,
+                        None => return,
+                    },
+                };
+                let group = next_group(first, &mut jobs, &mut held);
+                // A panic drops the group's reply channels, so its callers
+                // are told their writes failed; the writer goes on with the
+                // next group, as a failed blocking-pool task would.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_group(&store, &clock, group)
+                }));
+                match ran {
+                    Ok(done) => answer(done),
+                    Err(_) => tracing::error!("a write group panicked; its batches failed"),
+                }
             }
+        });
+    if let Err(e) = spawned {
+        // Without a writer every write fails with UNAVAILABLE (the jobs'
+        // receiver is dropped with the closure), which callers see.
+        tracing::error!(error = %e, "cannot start the writer thread");
+    }
+}
+
+/// A group of batches: `first`, then every batch waiting, up to
+/// [`MAX_COALESCED_OPS`] operations; a batch that would overflow the group
+/// is held back in `held` for the next one.
+fn next_group(
+    first: WriteJob,
+    jobs: &mut mpsc::Receiver<WriteJob>,
+    held: &mut Option<WriteJob>,
+) -> Vec<WriteJob> {
+    let mut ops = first.ops.len();
+    let mut group = vec![first];
+    while ops < MAX_COALESCED_OPS {
+        let Ok(job) = jobs.try_recv() else { break };
+        if ops + job.ops.len() > MAX_COALESCED_OPS {
+            *held = Some(job);
+            break;
         }
+        ops += job.ops.len();
+        group.push(job);
+    }
+    group
+}
+
+/// Answers every batch of a group that ran.
+fn answer(done: Vec<(oneshot::Sender<Result<Written>>, Result<Written>)>) {
+    for (reply, result) in done {
+        // A caller that gave up no longer listens; its write stands.
+        let _ = reply.send(result);
     }
 }
 

@@ -18,6 +18,11 @@ use concord_store::Store;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::Channel;
 
+// The same allocator as the concord-node binary, so that regions served in
+// this process cost what the real node costs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The regions' names; region `i` has replica id `i + 1`.
 pub const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
 
