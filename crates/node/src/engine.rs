@@ -220,8 +220,8 @@ impl Engine {
 /// thread of its own that blocks on the store: every client write passes
 /// through it, and a thread that is already running when the next batches
 /// arrive takes them without a wake-up, where a task handing each group to
-/// tokio's blocking pool paid two thread switches per group (about a fifth
-/// of the node's CPU under 50 unary clients; docs/BENCHMARKS.md). With
+/// tokio's blocking pool paid two thread switches per group (batched
+/// writes gained; docs/BENCHMARKS.md). With
 /// [`Offload::Inline`](concord_store::Offload::Inline) — a deterministic,
 /// single-threaded runtime — it is a task that runs each group inline, so
 /// no second thread decides when a result comes back.
