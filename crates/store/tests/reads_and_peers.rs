@@ -59,6 +59,16 @@ fn range() -> Item {
     }
 }
 
+/// Declares the stream `events` and the counter `hits`.
+fn declare_both(store: &Store, clock: &Clock) {
+    store
+        .declare(clock, "events", CrdtType::Stream)
+        .expect("declare");
+    store
+        .declare(clock, "hits", CrdtType::Counter)
+        .expect("declare");
+}
+
 fn values(result: &ItemResult) -> Vec<Vec<u8>> {
     match result {
         ItemResult::Entries(entries) => entries.iter().map(|e| e.fields[0].value.clone()).collect(),
@@ -85,12 +95,7 @@ fn reads_in_a_batch_see_the_writes_before_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = clock();
     let store = open(dir.path());
-    store
-        .declare(&clock, "events", CrdtType::Stream)
-        .expect("declare");
-    store
-        .declare(&clock, "hits", CrdtType::Counter)
-        .expect("declare");
+    declare_both(&store, &clock);
     let first = store
         .write(&clock, &[append("a"), append("b"), append("c")])
         .expect("write");
@@ -293,12 +298,7 @@ fn log_tails_from_memory_match_the_log_on_disk() {
     let mut from_memory = Vec::new();
     {
         let store = open(dir.path());
-        store
-            .declare(&clock, "events", CrdtType::Stream)
-            .expect("declare");
-        store
-            .declare(&clock, "hits", CrdtType::Counter)
-            .expect("declare");
+        declare_both(&store, &clock);
         for i in 0..40 {
             store
                 .write(&clock, &[append(&format!("e{i}"))])
