@@ -16,13 +16,25 @@ use crate::error::{Result, StoreError};
 use crate::layout::{self, meta};
 use crate::store::{LogUsage, Store, Writer};
 
-/// Most log entries one truncation step removes while holding the writer
-/// lock; a large truncation takes many steps and lets writes in between.
+/// Most log entries one truncation step removes before it records what it
+/// removed (taking the writer lock for that only).
 pub const TRUNCATE_CHUNK_ENTRIES: usize = 4096;
 
 /// Most trimmed stream rows a mutation deletes on its way out; the rest
 /// are left for the next mutations (or [`Store::sweep_trimmed`]).
 pub const SWEEP_ROWS_PER_CALL: usize = 4096;
+
+/// What one pass of [`Store::remove_log_prefix`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Removed {
+    /// Entries this pass removed.
+    pub(crate) entries: u64,
+    /// Their bytes.
+    pub(crate) bytes: u64,
+    /// Entries it found, whether it or a racing pass removed them: fewer
+    /// than it was allowed means it reached the end of the prefix.
+    pub(crate) visited: usize,
+}
 
 /// What one origin's log holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,20 +63,24 @@ impl Store {
     /// Removes from every origin's log the entries with seq at or below
     /// `below[origin]` (never past what this region has applied). The node
     /// passes the meet of its peers' acknowledged vectors: what every peer
-    /// has. Runs in steps of [`TRUNCATE_CHUNK_ENTRIES`], so writes go on
-    /// meanwhile.
+    /// has.
+    ///
+    /// Writes go on meanwhile: entries are removed one at a time, oldest
+    /// first, without the writer lock (which is taken per step of
+    /// [`TRUNCATE_CHUNK_ENTRIES`], only to record the sizes). Removing them
+    /// in one sled batch held sled's exclusive lock, and so every write
+    /// and every remote apply, for 6-90 ms each second (docs/BENCHMARKS.md).
     pub fn truncate_logs(&self, below: &VersionVector) -> Result<TruncateReport> {
         let mut report = TruncateReport::default();
         for (origin, seq) in below.iter() {
             let through = seq.min(self.applied(origin)?);
             loop {
-                let mut w = self.lock_writer();
-                let (entries, bytes) =
-                    self.remove_log_prefix(&mut w, origin, through, None, TRUNCATE_CHUNK_ENTRIES)?;
-                drop(w);
-                report.entries += entries;
-                report.bytes += bytes;
-                if entries < TRUNCATE_CHUNK_ENTRIES as u64 {
+                let removed =
+                    self.remove_log_prefix(origin, through, None, TRUNCATE_CHUNK_ENTRIES)?;
+                self.forget_log(&mut self.lock_writer(), origin, removed);
+                report.entries += removed.entries;
+                report.bytes += removed.bytes;
+                if removed.visited < TRUNCATE_CHUNK_ENTRIES {
                     break;
                 }
             }
@@ -155,8 +171,9 @@ impl Store {
                 continue;
             }
             let excess = u.bytes - cap;
-            let (entries, bytes) =
-                self.remove_log_prefix(w, origin, u64::MAX, Some(excess), usize::MAX)?;
+            let removed = self.remove_log_prefix(origin, u64::MAX, Some(excess), usize::MAX)?;
+            self.forget_log(w, origin, removed);
+            let Removed { entries, bytes, .. } = removed;
             self.cap_removed.fetch_add(entries, Ordering::Relaxed);
             tracing::warn!(
                 origin = origin.0,
@@ -172,41 +189,55 @@ impl Store {
     /// Removes entries of `origin` from the oldest on, with seq at most
     /// `through`, at most `max_entries` of them, and — when `min_bytes` is
     /// given — only as many as it takes to remove that many bytes (but
-    /// never the newest entry). Returns the entries and bytes removed.
+    /// never the newest entry). The caller passes what it removed to
+    /// [`Store::forget_log`].
+    ///
+    /// One entry at a time, oldest first: sled keeps each removal atomic
+    /// and recovers a prefix of them after a crash, so the log stays a
+    /// contiguous run whatever happens, and no lock is held across the
+    /// whole prefix. Two removals racing over the same entries count each
+    /// entry once (only the one that removed it does).
     pub(crate) fn remove_log_prefix(
         &self,
-        w: &mut Writer,
         origin: ReplicaId,
         through: u64,
         min_bytes: Option<u64>,
         max_entries: usize,
-    ) -> Result<(u64, u64)> {
+    ) -> Result<Removed> {
         let range = layout::log_key(origin, 0)..=layout::log_key(origin, through);
-        let mut batch = sled::Batch::default();
-        let (mut entries, mut bytes) = (0u64, 0u64);
-        let mut last_removed = 0;
-        let mut iter = self.t.log.range(range).peekable();
-        while let Some(item) = iter.next() {
-            if entries as usize >= max_entries || min_bytes.is_some_and(|m| bytes >= m) {
+        let mut removed = Removed::default();
+        let mut last = None;
+        let mut keys = self.t.log.range(range).keys().peekable();
+        while let Some(key) = keys.next() {
+            if removed.visited >= max_entries || min_bytes.is_some_and(|m| removed.bytes >= m) {
                 break;
             }
-            if min_bytes.is_some() && iter.peek().is_none() {
+            if min_bytes.is_some() && keys.peek().is_none() {
                 break;
             }
-            let (k, v) = item?;
-            last_removed = layout::parse_u64("log key", k.get(4..).unwrap_or_default())?;
-            batch.remove(k);
-            entries += 1;
-            bytes += v.len() as u64;
+            removed.visited += 1;
+            let key = key?;
+            let seq = layout::parse_u64("log key", key.get(4..).unwrap_or_default())?;
+            if let Some(old) = self.t.log.remove(&key)? {
+                removed.entries += 1;
+                removed.bytes += old.len() as u64;
+            }
+            last = Some(seq);
         }
-        if entries > 0 {
-            self.t.log.apply_batch(batch)?;
-            self.lock_recent().drop_through(origin, last_removed);
+        if let Some(seq) = last {
+            self.lock_recent().drop_through(origin, seq);
+        }
+        Ok(removed)
+    }
+
+    /// Takes entries removed by [`Store::remove_log_prefix`] off `origin`'s
+    /// recorded log size.
+    pub(crate) fn forget_log(&self, w: &mut Writer, origin: ReplicaId, removed: Removed) {
+        if removed.entries > 0 {
             let u = w.logs.entry(origin).or_default();
-            u.entries = u.entries.saturating_sub(entries);
-            u.bytes = u.bytes.saturating_sub(bytes);
+            u.entries = u.entries.saturating_sub(removed.entries);
+            u.bytes = u.bytes.saturating_sub(removed.bytes);
         }
-        Ok((entries, bytes))
     }
 
     /// The streams whose trimmed rows are still to be deleted: (sweep key,

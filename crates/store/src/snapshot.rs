@@ -399,11 +399,14 @@ impl Store {
             .filter(|&(origin, seq)| seq > current.get(origin))
             .collect();
         for &(origin, _) in &advanced {
-            while self
-                .remove_log_prefix(&mut w, origin, u64::MAX, None, TRUNCATE_CHUNK_ENTRIES)?
-                .0
-                > 0
-            {}
+            loop {
+                let removed =
+                    self.remove_log_prefix(origin, u64::MAX, None, TRUNCATE_CHUNK_ENTRIES)?;
+                self.forget_log(&mut w, origin, removed);
+                if removed.visited < TRUNCATE_CHUNK_ENTRIES {
+                    break;
+                }
+            }
         }
         (&self.t.vv, &self.t.meta)
             .transaction(|(vv, meta)| {

@@ -155,6 +155,81 @@ fn the_size_cap_keeps_each_log_within_bounds_and_keeps_the_newest_entries() {
 }
 
 #[test]
+fn truncations_racing_writes_the_cap_and_each_other_keep_the_log_whole_and_counted_once() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const WRITES: u64 = 3_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, clock) = manual_clock();
+    // A cap of about a hundred deltas. Truncations lag 300 seqs behind for
+    // the first half of the writes (the cap removes), then 20 (they do),
+    // and the two truncating threads race each other throughout.
+    let store = open_as(dir.path(), 1, capped(4096));
+    declare_all(&store, &clock); // seqs 1..=4
+    let writing = AtomicBool::new(true);
+    let lag = AtomicU64::new(300);
+    let truncated: u64 = std::thread::scope(|scope| {
+        let truncate = || {
+            let mut removed = 0;
+            while writing.load(Ordering::SeqCst) {
+                let upto = store
+                    .applied(ME)
+                    .expect("applied")
+                    .saturating_sub(lag.load(Ordering::SeqCst));
+                removed += store
+                    .truncate_logs(&vv(&[(ME, upto)]))
+                    .expect("truncate")
+                    .entries;
+            }
+            removed
+        };
+        let threads = [scope.spawn(truncate), scope.spawn(truncate)];
+        for i in 0..WRITES {
+            if i == WRITES / 2 {
+                lag.store(20, Ordering::SeqCst);
+            }
+            store
+                .write(
+                    &clock,
+                    &[write(&format!("k{}", i % 50), Intent::CounterAdd(1))],
+                )
+                .expect("write");
+        }
+        writing.store(false, Ordering::SeqCst);
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("truncating thread"))
+            .sum()
+    });
+    let last = 4 + WRITES;
+    let check = |store: &concord_store::Store| {
+        let s = store.log_stats().expect("stats")[&ME];
+        assert_eq!(s.last, last);
+        assert_eq!(s.floor + s.entries, s.last, "contiguous: {s:?}");
+        let left = store
+            .log_from(ME, s.floor + 1, usize::MAX, usize::MAX)
+            .expect("log");
+        let seqs: Vec<u64> = left.iter().map(|d| d.seq).collect();
+        assert_eq!(seqs, (s.floor + 1..=last).collect::<Vec<_>>());
+        let bytes: u64 = left.iter().map(|d| d.encode().len() as u64).sum();
+        assert_eq!(s.bytes, bytes, "recorded size matches what is there");
+        s
+    };
+    let before = check(&store);
+    assert!(
+        truncated > 0 && store.cap_removed() > 0,
+        "both removed some"
+    );
+    assert_eq!(
+        truncated + store.cap_removed() + before.entries,
+        last,
+        "every entry is removed once or still there"
+    );
+    drop(store);
+    let store = open_as(dir.path(), 1, capped(4096));
+    assert_eq!(check(&store), before, "the same log after a reopen");
+}
+
+#[test]
 fn a_cap_below_one_delta_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let err = concord_store::Store::open(
