@@ -7,27 +7,40 @@
 //! ([`Store::write_many`]): one transaction for many concurrent clients
 //! instead of one each, all contending for the store's lock. Each batch
 //! stays atomic on its own, and one that fails does not fail the others.
+//! Delta batches from peers go through the same writer
+//! ([`Engine::apply_remote`]), so the store's lock is never handed from
+//! one thread to another under load (docs/DECISIONS.md).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use concord_core::catalog::{Catalog, KeyspaceView};
 use concord_core::crdt::{StreamEntry, StreamId};
-use concord_core::{Clock, CrdtType, KeyspaceId, Limits, Value};
+use concord_core::{Clock, CrdtType, Delta, Hlc, KeyspaceId, Limits, Value};
 use concord_proto::v1 as pb;
-use concord_store::{Item, ItemResult, Store, WriteReceipt};
+use concord_store::{ApplyReport, Item, ItemResult, Store, WriteReceipt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::command::{ClientOp, OpKind};
 use crate::error::{NodeError, Result};
 use crate::subscribe::{Appended, Subscriptions};
 
-/// Most client batches waiting for the writer; callers wait beyond it.
+/// Most batches (client or peer) waiting for the writer; callers wait
+/// beyond it.
 pub const WRITE_QUEUE: usize = 1024;
 
-/// Most operations the writer runs in one transaction (one batch larger
-/// than this still runs, alone).
+/// Most operations and deltas the writer takes in one group (one batch
+/// larger than this still runs, alone).
 pub const MAX_COALESCED_OPS: usize = 4096;
+
+/// Work on its way to the writer.
+#[derive(Debug)]
+enum Job {
+    /// A client batch.
+    Write(WriteJob),
+    /// A delta batch from a peer.
+    Apply(ApplyJob),
+}
 
 /// A client batch on its way to the writer.
 #[derive(Debug)]
@@ -39,12 +52,33 @@ struct WriteJob {
 /// A batch the writer ran: its operations, their keyspaces, the receipt.
 type Written = (Vec<ClientOp>, Vec<KeyspaceId>, WriteReceipt);
 
+/// A peer's delta batch on its way to the writer.
+#[derive(Debug)]
+struct ApplyJob {
+    deltas: Vec<Delta>,
+    hwm: Hlc,
+    reply: oneshot::Sender<Applied>,
+}
+
+/// What applying a delta batch did, and the batch itself.
+type Applied = std::result::Result<(ApplyReport, Vec<Delta>), concord_store::StoreError>;
+
+impl Job {
+    /// Operations or deltas it carries: its weight in a group.
+    fn weight(&self) -> usize {
+        match self {
+            Job::Write(job) => job.ops.len(),
+            Job::Apply(job) => job.deltas.len(),
+        }
+    }
+}
+
 /// The region's state as the services see it.
 #[derive(Debug, Clone)]
 pub struct Engine {
     store: Arc<Store>,
     clock: Arc<Clock>,
-    writer: mpsc::Sender<WriteJob>,
+    writer: mpsc::Sender<Job>,
     subscriptions: Subscriptions,
     /// Bumped after every durable local write and every remote apply, so
     /// peers' tails wake up.
@@ -182,10 +216,7 @@ impl Engine {
         }
         let me = self.store.identity().replica;
         let (reply, answer) = oneshot::channel();
-        self.writer
-            .send(WriteJob { ops, reply })
-            .await
-            .map_err(|_| NodeError::Unavailable("the writer has stopped".into()))?;
+        self.submit(Job::Write(WriteJob { ops, reply })).await?;
         let (ops, keyspaces, receipt) = answer
             .await
             .map_err(|_| NodeError::Unavailable("the store task failed".into()))??;
@@ -212,20 +243,46 @@ impl Engine {
             .map(|(op, result)| shape(&op.kind, result, me))
             .collect()
     }
+
+    /// Applies a peer's delta batch ([`Store::apply_remote`]) on the
+    /// writer, in turn with client batches; returns the report and the
+    /// batch. Not durable yet: see [`Store::sync`].
+    pub async fn apply_remote(
+        &self,
+        deltas: Vec<Delta>,
+        hwm: Hlc,
+    ) -> Result<(ApplyReport, Vec<Delta>)> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Apply(ApplyJob { deltas, hwm, reply }))
+            .await?;
+        let applied = answer
+            .await
+            .map_err(|_| NodeError::Unavailable("the store task failed".into()))?;
+        Ok(applied?)
+    }
+
+    /// Queues work for the writer.
+    async fn submit(&self, job: Job) -> Result<()> {
+        self.writer
+            .send(job)
+            .await
+            .map_err(|_| NodeError::Unavailable("the writer has stopped".into()))
+    }
 }
 
 /// Starts the writer, which ends when the last sender is dropped.
 ///
 /// With [`Offload::Pool`](concord_store::Offload::Pool) the writer is a
-/// thread of its own that blocks on the store: every client write passes
-/// through it, and a thread that is already running when the next batches
-/// arrive takes them without a wake-up, where a task handing each group to
-/// tokio's blocking pool paid two thread switches per group (batched
-/// writes gained; docs/BENCHMARKS.md). With
+/// thread of its own that blocks on the store: every client write and
+/// every peer's delta batch passes through it, and a thread that is
+/// already running when the next batches arrive takes them without a
+/// wake-up, where a task handing each group to tokio's blocking pool paid
+/// two thread switches per group (batched writes gained;
+/// docs/BENCHMARKS.md). With
 /// [`Offload::Inline`](concord_store::Offload::Inline) — a deterministic,
 /// single-threaded runtime — it is a task that runs each group inline, so
 /// no second thread decides when a result comes back.
-fn spawn_writer(store: Arc<Store>, clock: Arc<Clock>, mut jobs: mpsc::Receiver<WriteJob>) {
+fn spawn_writer(store: Arc<Store>, clock: Arc<Clock>, mut jobs: mpsc::Receiver<Job>) {
     if store.offload() == concord_store::Offload::Inline {
         tokio::spawn(async move {
             let mut held = None;
@@ -238,7 +295,7 @@ fn spawn_writer(store: Arc<Store>, clock: Arc<Clock>, mut jobs: mpsc::Receiver<W
                     },
                 };
                 let group = next_group(first, &mut jobs, &mut held);
-                answer(run_group(&store, &clock, group));
+                run_group(&store, &clock, group);
             }
         });
         return;
@@ -256,15 +313,15 @@ fn spawn_writer(store: Arc<Store>, clock: Arc<Clock>, mut jobs: mpsc::Receiver<W
                     },
                 };
                 let group = next_group(first, &mut jobs, &mut held);
-                // A panic drops the group's reply channels, so its callers
-                // are told their writes failed; the writer goes on with the
-                // next group, as a failed blocking-pool task would.
+                // A panic drops the unanswered reply channels, so their
+                // callers are told their batches failed; the writer goes
+                // on with the next group, as a failed blocking-pool task
+                // would.
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     run_group(&store, &clock, group)
                 }));
-                match ran {
-                    Ok(done) => answer(done),
-                    Err(_) => tracing::error!("a write group panicked; its batches failed"),
+                if ran.is_err() {
+                    tracing::error!("a write group panicked; its batches failed");
                 }
             }
         });
@@ -275,39 +332,54 @@ fn spawn_writer(store: Arc<Store>, clock: Arc<Clock>, mut jobs: mpsc::Receiver<W
     }
 }
 
-/// A group of batches: `first`, then every batch waiting, up to
-/// [`MAX_COALESCED_OPS`] operations; a batch that would overflow the group
-/// is held back in `held` for the next one.
-fn next_group(
-    first: WriteJob,
-    jobs: &mut mpsc::Receiver<WriteJob>,
-    held: &mut Option<WriteJob>,
-) -> Vec<WriteJob> {
-    let mut ops = first.ops.len();
+/// A group of jobs: `first`, then every job waiting, up to
+/// [`MAX_COALESCED_OPS`] operations and deltas; a job that would overflow
+/// the group is held back in `held` for the next one.
+fn next_group(first: Job, jobs: &mut mpsc::Receiver<Job>, held: &mut Option<Job>) -> Vec<Job> {
+    let mut weight = first.weight();
     let mut group = vec![first];
-    while ops < MAX_COALESCED_OPS {
+    while weight < MAX_COALESCED_OPS {
         let Ok(job) = jobs.try_recv() else { break };
-        if ops + job.ops.len() > MAX_COALESCED_OPS {
+        if weight + job.weight() > MAX_COALESCED_OPS {
             *held = Some(job);
             break;
         }
-        ops += job.ops.len();
+        weight += job.weight();
         group.push(job);
     }
     group
 }
 
-/// Answers every batch of a group that ran.
-fn answer(done: Vec<(oneshot::Sender<Result<Written>>, Result<Written>)>) {
-    for (reply, result) in done {
+/// Runs a group and answers each job: the peers' delta batches first, one
+/// transaction each (a refused batch fails only itself), then the client
+/// batches together.
+fn run_group(store: &Store, clock: &Clock, group: Vec<Job>) {
+    let mut writes = Vec::with_capacity(group.len());
+    for job in group {
+        match job {
+            Job::Write(job) => writes.push(job),
+            Job::Apply(job) => {
+                let applied = store
+                    .apply_remote(&job.deltas, job.hwm)
+                    .map(|report| (report, job.deltas));
+                // A peer link that gave up no longer listens; what was
+                // applied stands and is acknowledged by a later frame.
+                let _ = job.reply.send(applied);
+            }
+        }
+    }
+    if writes.is_empty() {
+        return;
+    }
+    for (reply, result) in run_writes(store, clock, writes) {
         // A caller that gave up no longer listens; its write stands.
         let _ = reply.send(result);
     }
 }
 
-/// Resolves and runs a group of batches; returns each one's reply channel
-/// and outcome.
-fn run_group(
+/// Resolves and runs client batches in one transaction; returns each
+/// one's reply channel and outcome.
+fn run_writes(
     store: &Store,
     clock: &Clock,
     group: Vec<WriteJob>,
@@ -499,4 +571,94 @@ fn shape(
         }
     };
     Ok(pb::OperationResult { result: Some(r) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use concord_core::clock::{ManualTime, HLC_EPOCH_UNIX_MS};
+    use concord_core::crdt::{CounterOp, Direction};
+    use concord_core::{Op, ReplicaId};
+    use concord_store::{Identity, Offload, StoreError, StoreOptions};
+
+    const T0: i64 = HLC_EPOCH_UNIX_MS + 5_000_000;
+    const PEER: ReplicaId = ReplicaId(2);
+
+    fn engine(dir: &std::path::Path) -> Engine {
+        let identity = Identity {
+            region: "here".into(),
+            replica: ReplicaId(1),
+        };
+        let options = StoreOptions {
+            offload: Offload::Inline,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(dir, identity, options).expect("open");
+        let clock = Clock::new(ManualTime::new(T0), 0, Hlc::ZERO).expect("clock");
+        Engine::new(Arc::new(store), Arc::new(clock))
+    }
+
+    fn add(n: i64) -> Vec<ClientOp> {
+        vec![ClientOp {
+            keyspace: "hits".into(),
+            key: "k".into(),
+            kind: OpKind::CounterAdd(n),
+        }]
+    }
+
+    fn from_peer(seq: u64) -> Delta {
+        Delta {
+            origin: PEER,
+            seq,
+            hlc: Hlc::from_parts(T0 - 1_000, seq as u32).expect("hlc"),
+            keyspace: "hits".into(),
+            key: "p".into(),
+            op: Op::Counter(CounterOp {
+                direction: Direction::Increment,
+                total: seq,
+            }),
+        }
+    }
+
+    fn counter(engine: &Engine, key: &str) -> i64 {
+        let ks = engine.store().catalog().expect("catalog");
+        let ks = ks.resolve("hits").expect("keyspace").clone();
+        match engine.store().get(&ks, key).expect("get") {
+            Value::Counter(c) => i64::try_from(c.value()).expect("fits"),
+            other => panic!("not a counter: {other:?}"),
+        }
+    }
+
+    /// With the writer a task on this very thread, every job queued below
+    /// is waiting when it first runs: they make one group, in which a
+    /// refused peer batch must fail alone.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_refused_peer_batch_fails_alone_among_client_writes_and_good_batches() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = engine(dir.path());
+        engine
+            .create_keyspace("hits".into(), CrdtType::Counter)
+            .await
+            .expect("create");
+        let hwm = engine.clock().last();
+        let (first, gap, second, good) = tokio::join!(
+            engine.run(add(1)),
+            // Seq 2 before seq 1: a gap, refused whole.
+            engine.apply_remote(vec![from_peer(2), from_peer(3)], hwm),
+            engine.run(add(2)),
+            engine.apply_remote(vec![from_peer(1)], hwm),
+        );
+        first.expect("first write");
+        second.expect("second write");
+        assert!(
+            matches!(gap, Err(NodeError::Store(StoreError::Gap { .. }))),
+            "{gap:?}"
+        );
+        let (report, deltas) = good.expect("good batch");
+        assert_eq!((report.applied, report.duplicates), (1, 0));
+        assert_eq!(deltas, vec![from_peer(1)]);
+        assert_eq!(counter(&engine, "k"), 3);
+        assert_eq!(counter(&engine, "p"), 1);
+        assert_eq!(engine.store().applied(PEER).expect("applied"), 1);
+    }
 }

@@ -373,7 +373,6 @@ async fn send(
     }
 }
 
-/// The origins a subscriber asked for; `None` (all) when the list is empty.
 /// The next batch for a subscriber: for each wanted `(origin, sent,
 /// upto)`, the deltas after `sent` up to `upto`, as `read(origin, from,
 /// count)` returns them (it enforces each origin's share of the byte
@@ -395,6 +394,7 @@ fn gather<E>(
     Ok(batch)
 }
 
+/// The origins a subscriber asked for; `None` (all) when the list is empty.
 pub(crate) fn origins(list: &[u32]) -> Option<BTreeSet<ReplicaId>> {
     (!list.is_empty()).then(|| list.iter().map(|&r| ReplicaId(r)).collect())
 }
@@ -536,13 +536,7 @@ impl Applier {
             .observe(newest)
             .map_err(|e| self.refuse(Refusal::ClockDrift, format!("a delta's clock: {e}")))?;
         let hwm = clock.last();
-        let applied = blocking(&self.engine, move |store| {
-            store
-                .apply_remote(&deltas, hwm)
-                .map(|report| (report, deltas))
-        })
-        .await;
-        let (report, deltas) = match applied {
+        let (report, deltas) = match self.engine.apply_remote(deltas, hwm).await {
             Ok(applied) => applied,
             Err(NodeError::Store(
                 e @ (StoreError::Gap { .. }
