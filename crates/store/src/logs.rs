@@ -77,7 +77,9 @@ impl Store {
             loop {
                 let removed =
                     self.remove_log_prefix(origin, through, None, TRUNCATE_CHUNK_ENTRIES)?;
-                self.forget_log(&mut self.lock_writer(), origin, removed);
+                if removed.entries > 0 {
+                    self.forget_log(&mut self.lock_writer(), origin, removed);
+                }
                 report.entries += removed.entries;
                 report.bytes += removed.bytes;
                 if removed.visited < TRUNCATE_CHUNK_ENTRIES {
