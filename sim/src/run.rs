@@ -265,6 +265,8 @@ impl World<'_> {
                 flush_every_ms: 500,
                 cache_capacity_bytes: 8 << 20,
                 max_log_bytes_per_origin: self.plan.log_cap_bytes,
+                // Small, so runs roll segments and checkpoint mid-fault.
+                journal_segment_bytes: 256 << 10,
             },
             limits: sim_limits(),
             keyspaces,

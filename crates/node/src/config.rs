@@ -164,6 +164,9 @@ pub struct StorageConfig {
     pub cache_capacity_bytes: u64,
     /// Most bytes one origin's delta log may hold.
     pub max_log_bytes_per_origin: u64,
+    /// Size of a journal segment: when one is full, sled is flushed and the
+    /// full segments are deleted.
+    pub journal_segment_bytes: u64,
 }
 
 impl Default for StorageConfig {
@@ -173,6 +176,7 @@ impl Default for StorageConfig {
             flush_every_ms: store.flush_every_ms,
             cache_capacity_bytes: store.cache_capacity_bytes,
             max_log_bytes_per_origin: store.max_log_bytes_per_origin,
+            journal_segment_bytes: store.journal_segment_bytes,
         }
     }
 }
@@ -339,6 +343,7 @@ impl Config {
             limits: self.limits.clone(),
             max_log_bytes_per_origin: self.storage.max_log_bytes_per_origin,
             offload: Offload::Pool,
+            journal_segment_bytes: self.storage.journal_segment_bytes,
         }
     }
 
@@ -471,6 +476,10 @@ mod tests {
             ("durability = \"sometimes\"", "sometimes"),
             ("[limits]\nmax_key_bytes = 0", "max_key_bytes"),
             ("[storage]\nflush_every_ms = 0", "flush_every_ms"),
+            (
+                "[storage]\njournal_segment_bytes = 100",
+                "journal_segment_bytes",
+            ),
             ("metrics_listen = \"127.0.0.1:7101\"", "must differ"),
             (
                 "[[keyspaces]]\nname = \"\"\ntype = \"set\"",

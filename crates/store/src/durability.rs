@@ -1,28 +1,30 @@
 //! Group commit.
 //!
 //! Every committed mutation gets a commit number. In `group` mode a caller
-//! waits until a flush has covered its number. The
-//! first waiter to find no flush running becomes the leader: it notes the
-//! highest commit number so far, flushes once, and publishes that number as
-//! durable, releasing every writer that committed before the flush started.
+//! waits until a flush — a write and sync of the [`Journal`] — has covered
+//! its number. The first waiter to find no flush running becomes the
+//! leader: it takes what the writer has handed to the journal (every
+//! commit number so far), writes and syncs it once, and publishes the
+//! highest number it held as durable, releasing every writer it covered.
 //! Writers arriving during a flush wait for it and, if it did not cover
 //! them, lead the next one. So under load one flush serves many writes, and
 //! there is no background thread of ours: the scheme runs on whatever tokio
 //! runtime the caller uses, the simulator's included.
 //!
-//! The leader runs sled's synchronous `flush` where the store's
-//! [`Offload`] says (tokio's blocking pool by default), not
-//! `flush_async`: sled 0.34's `flush_async` can deadlock when several are
-//! in flight at once (spacejam/sled#1308, fixed only on its unreleased main
-//! branch). This crate's write benchmark reproduces that deadlock with raw
-//! sled and 64 writers each awaiting `flush_async`.
+//! The leader writes the journal as one frame and syncs it: sled is not
+//! flushed on the write path ([`crate::journal`] says why). The write runs
+//! where the store's [`Offload`] says (tokio's blocking pool by default).
+//! When the write fills a journal segment, the leader also starts a
+//! checkpoint (a sled flush, detached from every waiter).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex, MutexGuard};
 
 use crate::error::{Result, StoreError};
+use crate::journal::Journal;
 use crate::offload::Offload;
 
 /// When a write is acknowledged.
@@ -74,7 +76,8 @@ impl GroupCommit {
     }
 
     /// Records a committed mutation and returns its commit number. Call it
-    /// after the transaction committed, under the writer lock.
+    /// after the transaction committed, under the writer lock (and, in
+    /// group mode, under the journal's lock, from [`Journal::append`]).
     pub(crate) fn committed(&self) -> u64 {
         self.committed.fetch_add(1, Ordering::SeqCst) + 1
     }
@@ -89,26 +92,38 @@ impl GroupCommit {
         self.flushes.load(Ordering::Relaxed)
     }
 
-    /// Waits until commit `n` is durable, flushing `db` if no one else is.
-    pub(crate) async fn wait(&self, db: &sled::Db, n: u64, offload: Offload) -> Result<()> {
+    /// Waits until commit `n` is durable, writing the journal if no one
+    /// else is; `db` is flushed by the checkpoints the write may start.
+    pub(crate) async fn wait(
+        &self,
+        journal: &Arc<Journal>,
+        db: &sled::Db,
+        n: u64,
+        offload: Offload,
+    ) -> Result<()> {
         let mut rx = self.durable.subscribe();
         loop {
             if *rx.borrow_and_update() >= n {
                 return Ok(());
             }
+            journal.check()?;
             match self.flusher.try_lock() {
                 Ok(lock) => {
                     let _leader = Leader {
                         lock: Some(lock),
                         durable: &self.durable,
                     };
-                    let target = self.committed.load(Ordering::SeqCst);
-                    let db = db.clone();
-                    offload.run(move || db.flush()).await.map_err(|e| {
-                        StoreError::Sled(sled::Error::Io(std::io::Error::other(e.to_string())))
-                    })??;
+                    let writing = journal.clone();
+                    let written = offload
+                        .run(move || writing.write_pending())
+                        .await
+                        .map_err(|e| StoreError::Journal(e.to_string()))??;
                     self.flushes.fetch_add(1, Ordering::Relaxed);
-                    self.durable.send_modify(|d| *d = (*d).max(target));
+                    self.durable.send_modify(|d| *d = (*d).max(written.through));
+                    if let Some(checkpoint) = written.checkpoint {
+                        let db = db.clone();
+                        offload.detach(move || checkpoint.run(&db));
+                    }
                 }
                 Err(_) => {
                     // The sender lives as long as `self`, so this cannot

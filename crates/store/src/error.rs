@@ -67,6 +67,11 @@ pub enum StoreError {
         floor: u64,
     },
 
+    /// The journal could not be read or written; once a write or sync
+    /// failed, nothing more is acknowledged as durable until a restart.
+    #[error("journal: {0}")]
+    Journal(String),
+
     /// Stored bytes do not decode, or stored records disagree.
     #[error("corrupt store: {0}")]
     Corrupt(String),

@@ -6,6 +6,8 @@
 //! - [`layout`]: how the state maps onto sled trees and keys, and why.
 //! - [`durability`]: group commit: a write is acknowledged after a flush
 //!   that concurrent writes share (`group`), or before it (`relaxed`).
+//! - [`journal`]: the append-only file group commit syncs, which sled's
+//!   state is recovered from after a crash.
 //! - [`logs`]: bounded growth: log truncation below a vector, the
 //!   per-origin log size cap, and the sweep of trimmed stream rows.
 //! - [`offload`]: where blocking work runs: tokio's blocking pool, or
@@ -25,6 +27,7 @@
 
 pub mod durability;
 mod error;
+pub mod journal;
 pub mod layout;
 pub mod logs;
 pub mod offload;

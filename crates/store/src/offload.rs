@@ -43,6 +43,20 @@ impl Offload {
             Offload::Inline => Ok(f()),
         }
     }
+
+    /// Starts `f` where this mode says without waiting for it: on the
+    /// blocking pool, or (inline) right now, to its end.
+    pub fn detach<F>(self, f: F)
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        match self {
+            Offload::Pool => {
+                tokio::task::spawn_blocking(f);
+            }
+            Offload::Inline => f(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use concord_core::catalog::KeyspaceView;
 use concord_core::crdt::{Field, Intent, Stream, StreamEntry, StreamId, StreamOp};
@@ -17,6 +17,7 @@ use sled::Transactional;
 
 use crate::durability::{Durability, GroupCommit};
 use crate::error::{Result, StoreError};
+use crate::journal::{self, Journal};
 use crate::layout::{self, meta, trees, FORMAT_VERSION};
 use crate::offload::Offload;
 use crate::recent::Recent;
@@ -49,6 +50,10 @@ pub struct StoreOptions {
     /// Where blocking work (the group-commit flush) runs; the node runs its
     /// own store calls there too.
     pub offload: Offload,
+    /// Size at which the journal ([`crate::journal`]) starts a new segment
+    /// and checkpoints: sled is flushed and the older segments deleted.
+    /// At least [`crate::journal::MIN_SEGMENT_BYTES`].
+    pub journal_segment_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -60,6 +65,7 @@ impl Default for StoreOptions {
             limits: Limits::default(),
             max_log_bytes_per_origin: 256 << 20,
             offload: Offload::Pool,
+            journal_segment_bytes: 64 << 20,
         }
     }
 }
@@ -79,6 +85,13 @@ impl StoreOptions {
             return Err(StoreError::Options(
                 "flush_every_ms must be at least 1".into(),
             ));
+        }
+        if self.journal_segment_bytes < journal::MIN_SEGMENT_BYTES {
+            return Err(StoreError::Options(format!(
+                "journal_segment_bytes ({}) is below {}",
+                self.journal_segment_bytes,
+                journal::MIN_SEGMENT_BYTES
+            )));
         }
         Ok(())
     }
@@ -188,6 +201,9 @@ pub struct Store {
     /// tailers without sled ([`crate::recent`]).
     recent: Mutex<Recent>,
     pub(crate) group: GroupCommit,
+    /// Where group-committed mutations become durable; none in relaxed
+    /// mode.
+    journal: Option<Arc<Journal>>,
     /// Set when a trim left rows below a watermark to delete.
     pub(crate) sweep_pending: AtomicBool,
     /// Held by whoever deletes trimmed rows.
@@ -324,7 +340,8 @@ impl Store {
                 }
             }
         }
-        let store = Store {
+        let recovered = journal::recover(path, &options.limits)?;
+        let mut store = Store {
             path: path.to_path_buf(),
             db,
             t,
@@ -337,9 +354,31 @@ impl Store {
             applied: Mutex::new(VersionVector::new()),
             recent: Mutex::new(Recent::default()),
             group: GroupCommit::new(),
+            journal: None,
             sweep_pending: AtomicBool::new(false),
             sweeper: Mutex::new(()),
             cap_removed: AtomicU64::new(0),
+        };
+        let replayed = store.replay(&recovered.deltas)?;
+        if replayed > 0 {
+            tracing::info!(
+                replayed,
+                journaled = recovered.deltas.len(),
+                "recovered writes from the journal"
+            );
+        }
+        // The journal's deltas are in sled for good before it is removed.
+        store.db.flush()?;
+        store.journal = match store.options.durability {
+            Durability::Group => Some(Arc::new(Journal::start(
+                path,
+                &recovered,
+                store.options.journal_segment_bytes,
+            )?)),
+            Durability::Relaxed => {
+                Journal::remove(path)?;
+                None
+            }
         };
         let applied = store.read_version_vector()?;
         let last = applied.get(store.identity.replica);
@@ -441,7 +480,7 @@ impl Store {
         self.options.offload
     }
 
-    /// Number of group-commit flushes so far.
+    /// Number of group-commit flushes (journal writes and syncs) so far.
     pub fn flush_count(&self) -> u64 {
         self.group.flushes()
     }
@@ -469,9 +508,16 @@ impl Store {
 
     async fn wait_commit(&self, commit: Option<u64>) -> Result<()> {
         match (self.options.durability, commit) {
-            (Durability::Group, Some(n)) => {
-                self.group.wait(&self.db, n, self.options.offload).await
-            }
+            (Durability::Group, Some(n)) => match &self.journal {
+                Some(journal) => {
+                    self.group
+                        .wait(journal, &self.db, n, self.options.offload)
+                        .await
+                }
+                None => Err(StoreError::Journal(
+                    "a group-committed store has no journal".into(),
+                )),
+            },
             _ => Ok(()),
         }
     }
@@ -525,7 +571,7 @@ impl Store {
                 Ok(())
             })
             .map_err(from_tx)?;
-        let commit = self.group.committed();
+        let commit = self.commit([bytes.as_slice()]);
         let logged = bytes.len() as u64;
         let origin = delta.origin;
         self.lock_recent().push(delta, bytes.len());
@@ -706,9 +752,8 @@ impl Store {
                                             Some(current),
                                         )?;
                                         logged += bytes.len() as u64;
-                                        let size = bytes.len();
-                                        log.insert(&layout::log_key(me, seq), bytes)?;
-                                        fresh.push((delta, size));
+                                        log.insert(&layout::log_key(me, seq), bytes.as_slice())?;
+                                        fresh.push((delta, bytes));
                                         ItemResult::Written { seq, hlc, value }
                                     }
                                 }
@@ -757,11 +802,11 @@ impl Store {
             })
             .map_err(from_tx)?;
         let wrote = last_seq >= first_seq;
-        let commit = wrote.then(|| self.group.committed());
+        let commit = wrote.then(|| self.commit(fresh.iter().map(|(_, b)| b.as_slice())));
         if wrote {
             let mut recent = self.lock_recent();
-            for (delta, size) in fresh {
-                recent.push(delta, size);
+            for (delta, bytes) in fresh {
+                recent.push(delta, bytes.len());
             }
             drop(recent);
             self.lock_applied().advance(me, last_seq);
@@ -848,17 +893,56 @@ impl Store {
         for d in deltas {
             d.validate(&self.options.limits)?;
         }
-        let me = self.identity.replica;
         let mut w = self.lock_writer();
-        let (report, logged, trimmed, sizes) = self
-            .data_trees()
+        let (report, logged, trimmed, encoded) = self.apply_tx(deltas, hwm, false)?;
+        let commit =
+            (report.applied > 0).then(|| self.commit(encoded.iter().map(|b| b.as_slice())));
+        {
+            let mut recent = self.lock_recent();
+            for (&i, bytes) in report.fresh.iter().zip(&encoded) {
+                recent.push(deltas[i].clone(), bytes.len());
+            }
+        }
+        {
+            let mut applied = self.lock_applied();
+            for &i in &report.fresh {
+                applied.advance(deltas[i].origin, deltas[i].seq);
+            }
+        }
+        for (origin, (entries, bytes)) in logged {
+            self.account_log(&mut w, origin, entries, bytes);
+        }
+        drop(w);
+        self.after_trim(trimmed);
+        Ok(ApplyReport { commit, ..report })
+    }
+
+    /// The transaction of [`Store::apply_remote`]: applies `deltas` each
+    /// at most once and in per-origin order, and returns what it did, the
+    /// entries and bytes logged per origin, whether a stream was trimmed,
+    /// and the encodings of the deltas applied. A `replay` (of the journal,
+    /// at open) applies this region's own deltas too.
+    #[allow(clippy::type_complexity)]
+    fn apply_tx(
+        &self,
+        deltas: &[Delta],
+        hwm: Hlc,
+        replay: bool,
+    ) -> Result<(
+        ApplyReport,
+        BTreeMap<ReplicaId, (u64, u64)>,
+        bool,
+        Vec<Vec<u8>>,
+    )> {
+        let me = self.identity.replica;
+        self.data_trees()
             .transaction(|(catalog, values, rows, members, log, vv, meta)| {
                 let mut report = ApplyReport::default();
                 let mut seen: BTreeMap<ReplicaId, u64> = BTreeMap::new();
                 let mut logged: BTreeMap<ReplicaId, (u64, u64)> = BTreeMap::new();
                 let mut trimmed = false;
                 let mut overlay = Overlay::default();
-                let mut sizes = Vec::new();
+                let mut encoded = Vec::new();
                 for (position, d) in deltas.iter().enumerate() {
                     let applied = match seen.get(&d.origin) {
                         Some(&s) => s,
@@ -868,7 +952,7 @@ impl Store {
                         report.duplicates += 1;
                         continue;
                     }
-                    if d.origin == me {
+                    if d.origin == me && !replay {
                         return abort(StoreError::OwnDeltaAhead {
                             seq: d.seq,
                             local: applied,
@@ -892,8 +976,8 @@ impl Store {
                     let entry = logged.entry(d.origin).or_default();
                     entry.0 += 1;
                     entry.1 += bytes.len() as u64;
-                    sizes.push(bytes.len());
-                    log.insert(&layout::log_key(d.origin, d.seq), bytes)?;
+                    log.insert(&layout::log_key(d.origin, d.seq), bytes.as_slice())?;
+                    encoded.push(bytes);
                     seen.insert(d.origin, d.seq);
                     report.applied += 1;
                     report.fresh.push(position);
@@ -904,28 +988,40 @@ impl Store {
                 if report.applied > 0 {
                     tx_raise_hlc(meta, hwm)?;
                 }
-                Ok((report, logged, trimmed, sizes))
+                Ok((report, logged, trimmed, encoded))
             })
-            .map_err(from_tx)?;
-        let commit = (report.applied > 0).then(|| self.group.committed());
-        {
-            let mut recent = self.lock_recent();
-            for (&i, &size) in report.fresh.iter().zip(&sizes) {
-                recent.push(deltas[i].clone(), size);
-            }
+            .map_err(from_tx)
+    }
+
+    /// Applies the journal's deltas at open, in chunks of
+    /// [`REPLAY_CHUNK_DELTAS`]; returns how many were not in sled yet.
+    /// Nothing is journaled again: the caller flushes sled afterwards.
+    fn replay(&self, deltas: &[Delta]) -> Result<usize> {
+        let mut replayed = 0;
+        for chunk in deltas.chunks(REPLAY_CHUNK_DELTAS) {
+            let hwm = chunk.iter().map(|d| d.hlc).max().unwrap_or(Hlc::ZERO);
+            let (report, ..) = self.apply_tx(chunk, hwm, true).map_err(|e| match e {
+                StoreError::Gap {
+                    origin,
+                    expected,
+                    got,
+                } => StoreError::Corrupt(format!(
+                    "the journal holds delta {got} of replica {origin}, but the store's next is {expected}: the journal misses deltas"
+                )),
+                other => other,
+            })?;
+            replayed += report.applied;
         }
-        {
-            let mut applied = self.lock_applied();
-            for &i in &report.fresh {
-                applied.advance(deltas[i].origin, deltas[i].seq);
-            }
+        Ok(replayed)
+    }
+
+    /// Gives a committed mutation its commit number, handing its encoded
+    /// deltas to the journal in group mode.
+    fn commit<'a>(&self, deltas: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+        match &self.journal {
+            Some(journal) => journal.append(deltas, || self.group.committed()),
+            None => self.group.committed(),
         }
-        for (origin, (entries, bytes)) in logged {
-            self.account_log(&mut w, origin, entries, bytes);
-        }
-        drop(w);
-        self.after_trim(trimmed);
-        Ok(ApplyReport { commit, ..report })
     }
 
     /// Records a peer's acknowledged version vector.
@@ -1183,6 +1279,9 @@ impl Store {
         }
     }
 }
+
+/// Most journal deltas replayed in one transaction at open.
+const REPLAY_CHUNK_DELTAS: usize = 1_000;
 
 /// How many times, and how far apart, opening retries a directory whose
 /// lock is still held: sled releases it a moment after the previous `Db` in

@@ -1,0 +1,266 @@
+//! The journal: recovery of what sled lost, torn tails, corruption,
+//! checkpoints.
+//!
+//! A killed process does not lose what sled handed to the kernel, so a
+//! crash that loses sled's unflushed writes (a power cut) is staged by
+//! copying: a directory is copied aside while it holds only a keyspace
+//! declaration (sled's state "before"), then the original takes writes,
+//! and its journal is put beside the old copy of sled's state. Opening
+//! that must replay every journaled write.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use concord_core::{Clock, CrdtType, Intent};
+use concord_store::{journal, Durability, Store, StoreError, StoreOptions};
+
+/// Options that keep sled's own flush out of the way (the tests do not
+/// depend on it: dropping a store flushes sled anyway).
+fn options() -> StoreOptions {
+    StoreOptions {
+        flush_every_ms: 600_000,
+        ..StoreOptions::default()
+    }
+}
+
+fn segments(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir.join(journal::DIR))
+        .map(|entries| entries.map(|e| e.expect("entry").path()).collect())
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// Increments of counter `k` by 1, 2, 3, ..., each durable on its own, so
+/// each is one frame of the journal; then a peer's batch applied on top.
+async fn write_frames(store: &Store, clock: &Clock, increments: i64, peer: &Store) {
+    for by in 1..=increments {
+        let receipt = store
+            .write(clock, &[write("k", Intent::CounterAdd(by))])
+            .expect("write");
+        store.durable(&receipt).await.expect("durable");
+    }
+    tail(peer, store, clock);
+    store.sync().await.expect("sync");
+}
+
+/// A directory whose sled state holds only the declarations, with the
+/// journal of `increments` frames and a peer's batch: returns it, and
+/// the dump of the directory the journal came from.
+async fn staged(root: &Path, increments: i64) -> (PathBuf, Dump) {
+    let (source, lost) = (root.join("source"), root.join("lost"));
+    let (_t, clock) = manual_clock();
+    {
+        let store = open_as(&source, 1, options());
+        declare_all(&store, &clock);
+        store.flush().expect("flush");
+    }
+    copy_dir(&source, &lost);
+    let peer = open_as(&root.join("peer"), 2, options());
+    let (_pt, peer_clock) = manual_clock();
+    declare_all(&peer, &peer_clock);
+    let mut rng = fastrand::Rng::with_seed(7);
+    for _ in 0..40 {
+        peer.write(&peer_clock, &[random_write(&mut rng, &peer)])
+            .expect("peer write");
+    }
+    let expected = {
+        let store = open_as(&source, 1, options());
+        write_frames(&store, &clock, increments, &peer).await;
+        dump(&store)
+    };
+    std::fs::remove_dir_all(lost.join(journal::DIR)).expect("rm journal");
+    copy_dir(&source.join(journal::DIR), &lost.join(journal::DIR));
+    (lost, expected)
+}
+
+fn counter_k(store: &Store) -> i128 {
+    match store.get(&ks("hits", CrdtType::Counter), "k").expect("get") {
+        concord_core::Value::Counter(c) => c.value(),
+        other => panic!("not a counter: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_sled_lost_are_replayed_from_the_journal() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (lost, expected) = staged(root.path(), 10).await;
+    let store = open_as(&lost, 1, options());
+    assert_eq!(dump(&store), expected, "the replay gives back every write");
+    assert_eq!(counter_k(&store), 55);
+    assert_eq!(
+        store
+            .version_vector()
+            .expect("vv")
+            .get(concord_core::ReplicaId(1)),
+        14
+    );
+    // The replayed writes are in sled now: the journal starts anew and a
+    // second open finds the same.
+    assert_eq!(segments(&lost).len(), 1, "one fresh segment");
+    drop(store);
+    let again = open_as(&lost, 1, options());
+    assert_eq!(dump(&again), expected);
+    // And the region goes on numbering its writes after the replayed ones.
+    let (_t, clock) = manual_clock();
+    let receipt = again
+        .write(&clock, &[write("k", Intent::CounterAdd(1))])
+        .expect("write");
+    assert_eq!(receipt.last_seq, 15);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_frame_is_cut_off_and_the_rest_replayed() {
+    for tear in ["cut", "zeros", "garbled"] {
+        let root = tempfile::tempdir().expect("tempdir");
+        // No peer batch here: the last frame is the last increment.
+        let (lost, _) = staged_increments_only(root.path(), 5).await;
+        let segment = segments(&lost).pop().expect("a segment");
+        let mut bytes = std::fs::read(&segment).expect("read");
+        // The last frame holds one increment of 5: its delta is under 100
+        // bytes, and the frame header 8.
+        match tear {
+            "cut" => bytes.truncate(bytes.len() - 3),
+            "zeros" => {
+                let n = bytes.len();
+                bytes[n - 20..].fill(0);
+            }
+            _ => {
+                let n = bytes.len();
+                bytes[n - 1] ^= 0xff;
+            }
+        }
+        std::fs::write(&segment, &bytes).expect("write");
+        let store = open_as(&lost, 1, options());
+        assert_eq!(
+            counter_k(&store),
+            1 + 2 + 3 + 4,
+            "{tear}: the torn write is dropped"
+        );
+    }
+}
+
+/// [`staged`] without the peer's batch.
+async fn staged_increments_only(root: &Path, increments: i64) -> (PathBuf, Dump) {
+    let (source, lost) = (root.join("source"), root.join("lost"));
+    let (_t, clock) = manual_clock();
+    {
+        let store = open_as(&source, 1, options());
+        declare_all(&store, &clock);
+        store.flush().expect("flush");
+    }
+    copy_dir(&source, &lost);
+    let expected = {
+        let store = open_as(&source, 1, options());
+        for by in 1..=increments {
+            let receipt = store
+                .write(&clock, &[write("k", Intent::CounterAdd(by))])
+                .expect("write");
+            store.durable(&receipt).await.expect("durable");
+        }
+        dump(&store)
+    };
+    std::fs::remove_dir_all(lost.join(journal::DIR)).expect("rm journal");
+    copy_dir(&source.join(journal::DIR), &lost.join(journal::DIR));
+    (lost, expected)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_frame_with_frames_after_it_refuses_to_open_and_changes_nothing() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (lost, _) = staged_increments_only(root.path(), 5).await;
+    let segment = segments(&lost).pop().expect("a segment");
+    let mut bytes = std::fs::read(&segment).expect("read");
+    // Byte 30 is inside the first frame's payload (the segment header is
+    // 12 bytes, the frame header 8).
+    bytes[30] ^= 0x01;
+    std::fs::write(&segment, &bytes).expect("write");
+    let Err(err) = Store::open(&lost, identity_of(1), options()) else {
+        panic!("a damaged journal is refused");
+    };
+    assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("journal segment") && text.contains("byte 12"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read(&segment).expect("read"),
+        bytes,
+        "the journal is left as it was"
+    );
+}
+
+fn identity_of(replica: u32) -> concord_store::Identity {
+    concord_store::Identity {
+        region: format!("region-{replica}"),
+        replica: concord_core::ReplicaId(replica),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opening_in_relaxed_mode_replays_the_journal_and_removes_it() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (lost, expected) = staged(root.path(), 3).await;
+    let relaxed = StoreOptions {
+        durability: Durability::Relaxed,
+        ..options()
+    };
+    let store = open_as(&lost, 1, relaxed);
+    assert_eq!(dump(&store), expected);
+    assert!(
+        !lost.join(journal::DIR).exists(),
+        "relaxed mode keeps no journal"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_segments_are_checkpointed_away() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let small = StoreOptions {
+        journal_segment_bytes: journal::MIN_SEGMENT_BYTES,
+        ..options()
+    };
+    let (_t, clock) = manual_clock();
+    let store = open_as(dir.path(), 1, small.clone());
+    declare_all(&store, &clock);
+    // About 60 bytes a frame: 2,000 frames fill some 30 segments.
+    for by in 1..=2_000 {
+        let receipt = store
+            .write(&clock, &[write("k", Intent::CounterAdd(by))])
+            .expect("write");
+        store.durable(&receipt).await.expect("durable");
+    }
+    // Checkpoints run off the write path; give the last one a moment.
+    let mut left = segments(dir.path()).len();
+    for _ in 0..100 {
+        if left <= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        left = segments(dir.path()).len();
+    }
+    assert!(left <= 2, "{left} segments left after checkpoints");
+    assert!(
+        store.flush_count() >= 2_000,
+        "one journal write per durable write"
+    );
+    drop(store);
+    let store = open_as(dir.path(), 1, small);
+    assert_eq!(counter_k(&store), 2_000 * 2_001 / 2);
+}
