@@ -31,9 +31,10 @@
 //!
 //! **Format.** A segment file `NNNNNNNNNNNNNNNNNNNN.journal` (its index,
 //! 20 digits) starts with the 8-byte magic `concordJ` and a 4-byte
-//! little-endian format version. Then frames: a 4-byte little-endian
-//! payload length, a 4-byte CRC-32 of the length and the payload, and the
-//! payload: deltas, each a 4-byte length and the delta's encoding. A frame
+//! little-endian format version. Then frames: a 4-byte magic, a 4-byte
+//! little-endian payload length, a 4-byte CRC-32 of the frame's offset in
+//! the segment (8 bytes), the length and the payload, and the payload:
+//! deltas, each a 4-byte length and the delta's encoding. A frame
 //! is written with one `write` and followed by `fdatasync` before the next
 //! is written, so a crash can tear only the last frame of the newest
 //! segment. A bad frame there with nothing valid after it is that torn
@@ -68,7 +69,10 @@ pub const DIR: &str = "journal";
 const MAGIC: &[u8; 8] = b"concordJ";
 const VERSION: u32 = 1;
 const SEGMENT_HEADER_BYTES: usize = 12;
-const FRAME_HEADER_BYTES: usize = 8;
+const FRAME_HEADER_BYTES: usize = 12;
+/// First bytes of every frame: lets a search for a valid frame after a bad
+/// one skip nearly every offset without computing a checksum.
+const FRAME_MAGIC: [u8; 4] = [0xC0, 0x4E, 0xC0, 0x4A];
 const SUFFIX: &str = ".journal";
 /// Largest frame payload written or read: more pending deltas than this
 /// are written as several frames, each synced before the next. Twice the
@@ -195,8 +199,12 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| io("syncing", dir, e))
 }
 
-fn frame_crc(len: &[u8; 4], payload: &[u8]) -> u32 {
+/// The checksum of a frame at byte `at` of its segment: its position is
+/// part of it, so a copy of a frame's bytes elsewhere (inside a stored
+/// value, say) never passes for a frame.
+fn frame_crc(at: usize, len: &[u8; 4], payload: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
+    h.update(&(at as u64).to_le_bytes());
     h.update(len);
     h.update(payload);
     h.finalize()
@@ -261,21 +269,30 @@ fn read_segment(path: &Path, last: bool, limits: &Limits) -> Result<(Vec<Delta>,
 /// The payload of a valid frame at `at`, and where the frame ends.
 fn frame_at(bytes: &[u8], at: usize) -> Option<(&[u8], usize)> {
     let header = bytes.get(at..at.checked_add(FRAME_HEADER_BYTES)?)?;
-    let len_bytes: [u8; 4] = header[..4].try_into().ok()?;
-    let crc = u32::from_le_bytes(header[4..].try_into().ok()?);
+    if header[..4] != FRAME_MAGIC {
+        return None;
+    }
+    let len_bytes: [u8; 4] = header[4..8].try_into().ok()?;
+    let crc = u32::from_le_bytes(header[8..].try_into().ok()?);
     let len = u32::from_le_bytes(len_bytes) as usize;
     if len == 0 || len > MAX_FRAME_BYTES {
         return None;
     }
     let start = at + FRAME_HEADER_BYTES;
     let payload = bytes.get(start..start + len)?;
-    (frame_crc(&len_bytes, payload) == crc).then_some((payload, start + len))
+    (frame_crc(at, &len_bytes, payload) == crc).then_some((payload, start + len))
 }
 
 /// Whether a valid frame starts anywhere after `at`: then the bad frame
 /// at `at` is not the last write, and not a torn one.
 fn valid_frame_after(bytes: &[u8], at: usize) -> bool {
-    (at + 1..bytes.len().saturating_sub(FRAME_HEADER_BYTES)).any(|i| frame_at(bytes, i).is_some())
+    let Some(rest) = bytes.get(at + 1..) else {
+        return false;
+    };
+    rest.windows(FRAME_MAGIC.len())
+        .enumerate()
+        .filter(|(_, w)| *w == FRAME_MAGIC)
+        .any(|(i, _)| frame_at(bytes, at + 1 + i).is_some())
 }
 
 fn decode_payload(
@@ -322,17 +339,40 @@ pub(crate) struct Recovered {
 }
 
 /// Reads every segment under `data_dir`, cutting off a torn tail.
-pub(crate) fn recover(data_dir: &Path, limits: &Limits) -> Result<Recovered> {
+///
+/// The deltas are decoded under the widest limits there are, not the
+/// configured ones: they were accepted and acknowledged under the limits
+/// of their day, and lowering a limit since must not make the directory
+/// unopenable (their checksums vouch for the bytes).
+pub(crate) fn recover(data_dir: &Path) -> Result<Recovered> {
     let dir = data_dir.join(DIR);
     let found = segments(&dir)?;
     let mut deltas = Vec::new();
     let count = found.len();
+    let limits = widest_limits();
     for (n, (_, path)) in found.iter().enumerate() {
-        let (mut d, _) = read_segment(path, n + 1 == count, limits)?;
+        let (mut d, _) = read_segment(path, n + 1 == count, &limits)?;
         deltas.append(&mut d);
     }
     let next_index = found.last().map_or(0, |(i, _)| i + 1);
     Ok(Recovered { deltas, next_index })
+}
+
+fn widest_limits() -> Limits {
+    let c = concord_core::limits::LIMIT_CEILING_BYTES;
+    Limits {
+        max_key_bytes: c,
+        max_value_bytes: c,
+        max_member_bytes: c,
+        max_members_per_op: c,
+        max_fields_per_entry: c,
+        max_field_name_bytes: c,
+        max_entry_bytes: c,
+        max_observed_replicas: c,
+        max_delta_bytes: c,
+        max_batch_ops: c,
+        max_range_entries: c,
+    }
 }
 
 impl Journal {
@@ -458,9 +498,11 @@ impl Journal {
             let cut = frame_cut(rest);
             let (payload, tail) = rest.split_at(cut);
             let len = (payload.len() as u32).to_le_bytes();
+            let at = active.len as usize;
             let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + payload.len());
+            frame.extend_from_slice(&FRAME_MAGIC);
             frame.extend_from_slice(&len);
-            frame.extend_from_slice(&frame_crc(&len, payload).to_le_bytes());
+            frame.extend_from_slice(&frame_crc(at, &len, payload).to_le_bytes());
             frame.extend_from_slice(payload);
             active
                 .file
@@ -493,40 +535,56 @@ fn frame_cut(bytes: &[u8]) -> usize {
 mod tests {
     use super::*;
 
-    fn frame(payload: &[u8]) -> Vec<u8> {
+    fn frame(at: usize, payload: &[u8]) -> Vec<u8> {
         let len = (payload.len() as u32).to_le_bytes();
-        let mut f = len.to_vec();
-        f.extend_from_slice(&frame_crc(&len, payload).to_le_bytes());
+        let mut f = FRAME_MAGIC.to_vec();
+        f.extend_from_slice(&len);
+        f.extend_from_slice(&frame_crc(at, &len, payload).to_le_bytes());
         f.extend_from_slice(payload);
         f
     }
 
     #[test]
     fn frames_are_found_only_where_whole_and_checked() {
-        let mut bytes = frame(b"abc");
-        bytes.extend(frame(b"defg"));
+        let mut bytes = frame(0, b"abc");
+        bytes.extend(frame(15, b"defg"));
         assert_eq!(
             frame_at(&bytes, 0).map(|(p, e)| (p.to_vec(), e)),
-            Some((b"abc".to_vec(), 11))
+            Some((b"abc".to_vec(), 15))
         );
         assert_eq!(
-            frame_at(&bytes, 11).map(|(p, _)| p.to_vec()),
+            frame_at(&bytes, 15).map(|(p, _)| p.to_vec()),
             Some(b"defg".to_vec())
         );
         assert!(frame_at(&bytes, 1).is_none());
         assert!(
-            frame_at(&bytes[..bytes.len() - 1], 11).is_none(),
+            frame_at(&bytes[..bytes.len() - 1], 15).is_none(),
             "cut short"
         );
         let mut flipped = bytes.clone();
-        flipped[9] ^= 1;
+        flipped[13] ^= 1;
         assert!(frame_at(&flipped, 0).is_none(), "payload changed");
         assert!(
             valid_frame_after(&flipped, 0),
             "the second frame is still whole"
         );
-        assert!(!valid_frame_after(&bytes[..bytes.len() - 1], 11));
+        assert!(!valid_frame_after(&bytes[..bytes.len() - 1], 15));
         assert!(frame_at(&[0u8; 16], 0).is_none(), "zeros are no frame");
+    }
+
+    #[test]
+    fn a_frame_copied_elsewhere_is_no_frame() {
+        // A stored value holding a frame's bytes, e.g. a stream entry.
+        let inner = frame(0, b"abc");
+        let mut bytes = frame(0, &inner);
+        let copy_at = FRAME_HEADER_BYTES;
+        assert_eq!(&bytes[copy_at..copy_at + inner.len()], inner.as_slice());
+        assert!(frame_at(&bytes, copy_at).is_none());
+        bytes[FRAME_HEADER_BYTES - 1] ^= 1;
+        assert!(
+            !valid_frame_after(&bytes, 0),
+            "the damaged outer frame is the last"
+        );
     }
 
     #[test]

@@ -340,7 +340,7 @@ impl Store {
                 }
             }
         }
-        let recovered = journal::recover(path, &options.limits)?;
+        let recovered = journal::recover(path)?;
         let mut store = Store {
             path: path.to_path_buf(),
             db,

@@ -155,8 +155,16 @@ async fn a_torn_last_frame_is_cut_off_and_the_rest_replayed() {
     }
 }
 
-/// [`staged`] without the peer's batch.
+/// [`staged`] without the peer's batch: increments of `k` by 1, 2, ...
 async fn staged_increments_only(root: &Path, increments: i64) -> (PathBuf, Dump) {
+    let items = (1..=increments)
+        .map(|by| write("k", Intent::CounterAdd(by)))
+        .collect();
+    staged_items(root, items).await
+}
+
+/// [`staged`] with `items` as the writes, each durable on its own.
+async fn staged_items(root: &Path, items: Vec<concord_store::Item>) -> (PathBuf, Dump) {
     let (source, lost) = (root.join("source"), root.join("lost"));
     let (_t, clock) = manual_clock();
     {
@@ -167,10 +175,8 @@ async fn staged_increments_only(root: &Path, increments: i64) -> (PathBuf, Dump)
     copy_dir(&source, &lost);
     let expected = {
         let store = open_as(&source, 1, options());
-        for by in 1..=increments {
-            let receipt = store
-                .write(&clock, &[write("k", Intent::CounterAdd(by))])
-                .expect("write");
+        for item in items {
+            let receipt = store.write(&clock, &[item]).expect("write");
             store.durable(&receipt).await.expect("durable");
         }
         dump(&store)
@@ -178,6 +184,22 @@ async fn staged_increments_only(root: &Path, increments: i64) -> (PathBuf, Dump)
     std::fs::remove_dir_all(lost.join(journal::DIR)).expect("rm journal");
     copy_dir(&source.join(journal::DIR), &lost.join(journal::DIR));
     (lost, expected)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_over_a_limit_lowered_since_are_still_replayed() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let value = vec![7u8; 200];
+    let (lost, expected) =
+        staged_items(root.path(), vec![write("r", Intent::RegisterSet(value))]).await;
+    let mut lowered = options();
+    lowered.limits.max_value_bytes = 16;
+    let store = open_as(&lost, 1, lowered);
+    assert_eq!(
+        dump(&store),
+        expected,
+        "the 200-byte write was acknowledged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
