@@ -1,8 +1,8 @@
 //! Group commit.
 //!
 //! Every committed mutation gets a commit number. In `group` mode a caller
-//! waits until a flush — a write and sync of the [`Journal`] — has covered
-//! its number. The first waiter to find no flush running becomes the
+//! waits until a flush — a write and sync of the [journal](crate::journal)
+//! — has covered its number. The first waiter to find no flush running becomes the
 //! leader: it takes what the writer has handed to the journal (every
 //! commit number so far), writes and syncs it once, and publishes the
 //! highest number it held as durable, releasing every writer it covered.
