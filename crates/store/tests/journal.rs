@@ -59,10 +59,11 @@ async fn write_frames(store: &Store, clock: &Clock, increments: i64, peer: &Stor
     store.sync().await.expect("sync");
 }
 
-/// A directory whose sled state holds only the declarations, with the
-/// journal of `increments` frames and a peer's batch: returns it, and
-/// the dump of the directory the journal came from.
-async fn staged(root: &Path, increments: i64) -> (PathBuf, Dump) {
+/// Stages a crash that lost sled's unflushed writes: `root/source` is
+/// copied to `root/lost` while it holds only the declarations, then
+/// `writes` run on `source`, and `source`'s journal replaces `lost`'s.
+/// Returns `lost` and the dump of `source`.
+async fn stage(root: &Path, writes: impl AsyncFnOnce(&Store, &Clock)) -> (PathBuf, Dump) {
     let (source, lost) = (root.join("source"), root.join("lost"));
     let (_t, clock) = manual_clock();
     {
@@ -71,6 +72,18 @@ async fn staged(root: &Path, increments: i64) -> (PathBuf, Dump) {
         store.flush().expect("flush");
     }
     copy_dir(&source, &lost);
+    let expected = {
+        let store = open_as(&source, 1, options());
+        writes(&store, &clock).await;
+        dump(&store)
+    };
+    std::fs::remove_dir_all(lost.join(journal::DIR)).expect("rm journal");
+    copy_dir(&source.join(journal::DIR), &lost.join(journal::DIR));
+    (lost, expected)
+}
+
+/// [`stage`] with `increments` frames and then a peer's batch.
+async fn staged(root: &Path, increments: i64) -> (PathBuf, Dump) {
     let peer = open_as(&root.join("peer"), 2, options());
     let (_pt, peer_clock) = manual_clock();
     declare_all(&peer, &peer_clock);
@@ -79,14 +92,10 @@ async fn staged(root: &Path, increments: i64) -> (PathBuf, Dump) {
         peer.write(&peer_clock, &[random_write(&mut rng, &peer)])
             .expect("peer write");
     }
-    let expected = {
-        let store = open_as(&source, 1, options());
-        write_frames(&store, &clock, increments, &peer).await;
-        dump(&store)
-    };
-    std::fs::remove_dir_all(lost.join(journal::DIR)).expect("rm journal");
-    copy_dir(&source.join(journal::DIR), &lost.join(journal::DIR));
-    (lost, expected)
+    stage(root, async |store: &Store, clock: &Clock| {
+        write_frames(store, clock, increments, &peer).await
+    })
+    .await
 }
 
 fn counter_k(store: &Store) -> i128 {
@@ -163,27 +172,15 @@ async fn staged_increments_only(root: &Path, increments: i64) -> (PathBuf, Dump)
     staged_items(root, items).await
 }
 
-/// [`staged`] with `items` as the writes, each durable on its own.
+/// [`stage`] with `items` as the writes, each durable on its own.
 async fn staged_items(root: &Path, items: Vec<concord_store::Item>) -> (PathBuf, Dump) {
-    let (source, lost) = (root.join("source"), root.join("lost"));
-    let (_t, clock) = manual_clock();
-    {
-        let store = open_as(&source, 1, options());
-        declare_all(&store, &clock);
-        store.flush().expect("flush");
-    }
-    copy_dir(&source, &lost);
-    let expected = {
-        let store = open_as(&source, 1, options());
+    stage(root, async move |store: &Store, clock: &Clock| {
         for item in items {
-            let receipt = store.write(&clock, &[item]).expect("write");
+            let receipt = store.write(clock, &[item]).expect("write");
             store.durable(&receipt).await.expect("durable");
         }
-        dump(&store)
-    };
-    std::fs::remove_dir_all(lost.join(journal::DIR)).expect("rm journal");
-    copy_dir(&source.join(journal::DIR), &lost.join(journal::DIR));
-    (lost, expected)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
