@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex, MutexGuard};
 
 use crate::error::{Result, StoreError};
-use crate::journal::Journal;
+use crate::journal::{Journal, Written};
 use crate::offload::Offload;
 
 /// When a write is acknowledged.
@@ -92,6 +92,36 @@ impl GroupCommit {
         self.flushes.load(Ordering::Relaxed)
     }
 
+    /// Writes and syncs the journal now, on the calling thread, unless a
+    /// flush is running already (it, or the next, takes what is pending).
+    pub(crate) fn flush_now(
+        &self,
+        journal: &Journal,
+        db: &sled::Db,
+        offload: Offload,
+    ) -> Result<()> {
+        let Ok(lock) = self.flusher.try_lock() else {
+            return Ok(());
+        };
+        let _leader = Leader {
+            lock: Some(lock),
+            durable: &self.durable,
+        };
+        let written = journal.write_pending()?;
+        self.written(written, db, offload);
+        Ok(())
+    }
+
+    /// Publishes what a flush made durable and starts its checkpoint.
+    fn written(&self, written: Written, db: &sled::Db, offload: Offload) {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.durable.send_modify(|d| *d = (*d).max(written.through));
+        if let Some(checkpoint) = written.checkpoint {
+            let db = db.clone();
+            offload.detach(move || checkpoint.run(&db));
+        }
+    }
+
     /// Waits until commit `n` is durable, writing the journal if no one
     /// else is; `db` is flushed by the checkpoints the write may start.
     pub(crate) async fn wait(
@@ -118,12 +148,7 @@ impl GroupCommit {
                         .run(move || writing.write_pending())
                         .await
                         .map_err(|e| StoreError::Journal(e.to_string()))??;
-                    self.flushes.fetch_add(1, Ordering::Relaxed);
-                    self.durable.send_modify(|d| *d = (*d).max(written.through));
-                    if let Some(checkpoint) = written.checkpoint {
-                        let db = db.clone();
-                        offload.detach(move || checkpoint.run(&db));
-                    }
+                    self.written(written, db, offload);
                 }
                 Err(_) => {
                     // The sender lives as long as `self`, so this cannot

@@ -48,6 +48,10 @@
 //! deletes the segments before the new one: every transaction they record
 //! committed before that flush began.
 //!
+//! **Memory.** Deltas wait in memory only until the next flush; past
+//! [`MAX_PENDING_BYTES`] the commit that crossed it writes them itself,
+//! so a caller that never waits for durability cannot make them pile up.
+//!
 //! **Failure.** A failed journal write or sync stops the journal for
 //! good: waiters get an error, nothing is acknowledged as durable any
 //! more, and a restart recovers from what is on disk. Retrying after a
@@ -78,6 +82,10 @@ const SUFFIX: &str = ".journal";
 /// are written as several frames, each synced before the next. Twice the
 /// ceiling of any delta, so one delta always fits.
 pub(crate) const MAX_FRAME_BYTES: usize = 2 * concord_core::limits::LIMIT_CEILING_BYTES;
+/// Most bytes of deltas waiting to be written: the commit that crosses it
+/// writes them at once, so a store whose writes nobody waits for does not
+/// hold them in memory without bound.
+pub const MAX_PENDING_BYTES: usize = 16 << 20;
 /// Smallest segment size the options accept.
 pub const MIN_SEGMENT_BYTES: u64 = 4096;
 
@@ -421,12 +429,14 @@ impl Journal {
 
     /// Hands over the encoded deltas of one commit; `commit` gives it its
     /// number, under the same lock, so every number handed out is in the
-    /// pending bytes by the time anyone can wait for it.
+    /// pending bytes by the time anyone can wait for it. Returns the
+    /// number, and whether the pending bytes have reached
+    /// [`MAX_PENDING_BYTES`]: then the caller should flush now.
     pub(crate) fn append<'a>(
         &self,
         deltas: impl IntoIterator<Item = &'a [u8]>,
         commit: impl FnOnce() -> u64,
-    ) -> u64 {
+    ) -> (u64, bool) {
         let mut p = Self::lock(&self.pending);
         for d in deltas {
             p.bytes.extend_from_slice(&(d.len() as u32).to_le_bytes());
@@ -434,7 +444,7 @@ impl Journal {
         }
         let n = commit();
         p.through = n;
-        n
+        (n, p.bytes.len() >= MAX_PENDING_BYTES)
     }
 
     /// The error every waiter gets once the journal has stopped.

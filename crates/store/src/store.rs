@@ -1017,11 +1017,24 @@ impl Store {
 
     /// Gives a committed mutation its commit number, handing its encoded
     /// deltas to the journal in group mode.
+    /// Past [`journal::MAX_PENDING_BYTES`] waiting, the committer writes
+    /// them itself, blocking: a backstop for callers that never wait for
+    /// durability (the node always does).
     fn commit<'a>(&self, deltas: impl IntoIterator<Item = &'a [u8]>) -> u64 {
-        match &self.journal {
-            Some(journal) => journal.append(deltas, || self.group.committed()),
-            None => self.group.committed(),
+        let Some(journal) = &self.journal else {
+            return self.group.committed();
+        };
+        let (n, full) = journal.append(deltas, || self.group.committed());
+        if full {
+            // A failure stops the journal, which every durable wait reports.
+            if let Err(e) = self
+                .group
+                .flush_now(journal, &self.db, self.options.offload)
+            {
+                tracing::warn!(error = %e, "writing the full journal buffer failed");
+            }
         }
+        n
     }
 
     /// Records a peer's acknowledged version vector.

@@ -283,3 +283,29 @@ async fn full_segments_are_checkpointed_away() {
     let store = open_as(dir.path(), 1, small);
     assert_eq!(counter_k(&store), 2_000 * 2_001 / 2);
 }
+
+#[test]
+fn writes_nobody_waits_for_are_written_out_past_the_pending_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_t, clock) = manual_clock();
+    let store = open_as(dir.path(), 1, options());
+    declare_all(&store, &clock);
+    // 64 KiB values: 300 of them are past the 16 MiB limit.
+    let value = vec![1u8; 64 << 10];
+    for i in 0..300 {
+        store
+            .write(
+                &clock,
+                &[write(&format!("r{i}"), Intent::RegisterSet(value.clone()))],
+            )
+            .expect("write");
+    }
+    assert!(
+        (journal::MAX_PENDING_BYTES as u64) < 300 * (64 << 10),
+        "the test writes past the limit"
+    );
+    assert!(
+        store.flush_count() >= 1,
+        "nobody waited, yet the journal was written"
+    );
+}
