@@ -606,4 +606,19 @@ mod tests {
         }
         assert_eq!(frame_cut(&bytes), bytes.len());
     }
+
+    #[test]
+    fn pending_bytes_past_the_frame_limit_are_cut_into_frames() {
+        // Two deltas of 100 MiB: together over the 128 MiB frame limit.
+        let big = 100usize << 20;
+        let mut bytes = vec![0u8; 2 * (4 + big)];
+        bytes[..4].copy_from_slice(&(big as u32).to_le_bytes());
+        bytes[4 + big..8 + big].copy_from_slice(&(big as u32).to_le_bytes());
+        assert_eq!(
+            frame_cut(&bytes),
+            4 + big,
+            "the second delta starts the next frame"
+        );
+        assert_eq!(frame_cut(&bytes[4 + big..]), 4 + big);
+    }
 }

@@ -366,9 +366,10 @@ impl Store {
                 journaled = recovered.deltas.len(),
                 "recovered writes from the journal"
             );
+            // The replayed deltas are in sled for good before the journal
+            // is removed; the others were in sled's recovered state.
+            store.db.flush()?;
         }
-        // The journal's deltas are in sled for good before it is removed.
-        store.db.flush()?;
         store.journal = match store.options.durability {
             Durability::Group => Some(Arc::new(Journal::start(
                 path,
@@ -507,17 +508,13 @@ impl Store {
     }
 
     async fn wait_commit(&self, commit: Option<u64>) -> Result<()> {
-        match (self.options.durability, commit) {
-            (Durability::Group, Some(n)) => match &self.journal {
-                Some(journal) => {
-                    self.group
-                        .wait(journal, &self.db, n, self.options.offload)
-                        .await
-                }
-                None => Err(StoreError::Journal(
-                    "a group-committed store has no journal".into(),
-                )),
-            },
+        // A store has a journal exactly in group mode.
+        match (&self.journal, commit) {
+            (Some(journal), Some(n)) => {
+                self.group
+                    .wait(journal, &self.db, n, self.options.offload)
+                    .await
+            }
             _ => Ok(()),
         }
     }
