@@ -585,13 +585,19 @@ mod tests {
     const PEER: ReplicaId = ReplicaId(2);
 
     fn engine(dir: &std::path::Path) -> Engine {
+        engine_with(
+            dir,
+            StoreOptions {
+                offload: Offload::Inline,
+                ..StoreOptions::default()
+            },
+        )
+    }
+
+    fn engine_with(dir: &std::path::Path, options: StoreOptions) -> Engine {
         let identity = Identity {
             region: "here".into(),
             replica: ReplicaId(1),
-        };
-        let options = StoreOptions {
-            offload: Offload::Inline,
-            ..StoreOptions::default()
         };
         let store = Store::open(dir, identity, options).expect("open");
         let clock = Clock::new(ManualTime::new(T0), 0, Hlc::ZERO).expect("clock");
@@ -660,5 +666,29 @@ mod tests {
         assert_eq!(counter(&engine, "k"), 3);
         assert_eq!(counter(&engine, "p"), 1);
         assert_eq!(engine.store().applied(PEER).expect("applied"), 1);
+    }
+
+    /// With the default offload the writer is a thread outside the tokio
+    /// runtime; the journal checkpoints its writes start must not fail
+    /// them (they did: a checkpoint went to tokio's blocking pool).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_thread_fills_journal_segments_without_failing_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = engine_with(
+            dir.path(),
+            StoreOptions {
+                journal_segment_bytes: concord_store::journal::MIN_SEGMENT_BYTES,
+                ..StoreOptions::default()
+            },
+        );
+        engine
+            .create_keyspace("hits".into(), CrdtType::Counter)
+            .await
+            .expect("create");
+        // About 60 bytes a write: 300 fill several 4 KiB segments.
+        for _ in 0..300 {
+            engine.run(add(1)).await.expect("write");
+        }
+        assert_eq!(counter(&engine, "k"), 300);
     }
 }

@@ -1,21 +1,24 @@
 //! Group commit.
 //!
-//! Every committed mutation gets a commit number. In `group` mode a caller
-//! waits until a flush — a write and sync of the [journal](crate::journal)
-//! — has covered its number. The first waiter to find no flush running becomes the
-//! leader: it takes what the writer has handed to the journal (every
-//! commit number so far), writes and syncs it once, and publishes the
-//! highest number it held as durable, releasing every writer it covered.
-//! Writers arriving during a flush wait for it and, if it did not cover
-//! them, lead the next one. So under load one flush serves many writes, and
-//! there is no background thread of ours: the scheme runs on whatever tokio
-//! runtime the caller uses, the simulator's included.
+//! Every committed mutation gets a commit number. In `group` mode a
+//! commit is durable once the journal frame holding its deltas has been
+//! written and synced, and a write publishes the highest number it
+//! covered.
 //!
-//! The leader writes the journal as one frame and syncs it: sled is not
-//! flushed on the write path ([`crate::journal`] says why). The write runs
-//! where the store's [`Offload`] says (tokio's blocking pool by default).
-//! When the write fills a journal segment, the leader also starts a
-//! checkpoint (a sled flush, detached from every waiter).
+//! - A local write (the node's writer hands every client batch waiting
+//!   for it to the store at once) writes and syncs the journal itself
+//!   before its records reach sled (module `rw`): one write serves the
+//!   group, and the write returns durable.
+//! - A peer's batch is written to sled first and its deltas wait in the
+//!   journal's buffer. The first caller to wait for a number not yet
+//!   published (a peer link before it acknowledges) and find no write
+//!   running writes whatever is pending, once; the others wait for it,
+//!   and a local write takes what is pending too.
+//!
+//! Waiting runs on whatever tokio runtime the caller uses, the
+//! simulator's included; a waiter's write runs where the store's
+//! [`Offload`] says. When a write fills a journal segment, whoever made it
+//! also starts a checkpoint (a sled flush, detached from every waiter).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -113,7 +116,7 @@ impl GroupCommit {
     }
 
     /// Publishes what a flush made durable and starts its checkpoint.
-    fn written(&self, written: Written, db: &sled::Db, offload: Offload) {
+    pub(crate) fn written(&self, written: Written, db: &sled::Db, offload: Offload) {
         self.flushes.fetch_add(1, Ordering::Relaxed);
         self.durable.send_modify(|d| *d = (*d).max(written.through));
         if let Some(checkpoint) = written.checkpoint {

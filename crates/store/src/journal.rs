@@ -8,19 +8,26 @@
 //! replication lag were made of sled flushes (docs/BENCHMARKS.md). So
 //! durability no longer comes from sled's flush. Every mutation that gets
 //! a commit number (a local write, a declaration, a peer's delta batch)
-//! also hands its encoded deltas to the journal, in commit order, under
-//! the writer lock; the group-commit leader appends what has accumulated
-//! to an append-only file as one frame, `fdatasync`s it, and releases the
-//! waiters it covers. sled keeps doing what it did — atomic transactions,
-//! reads, its own background flush every `flush_every_ms` — and is flushed
-//! by us only at checkpoints.
+//! hands its encoded deltas to the journal, in commit order, under the
+//! writer lock; a write appends what has accumulated to an append-only
+//! file as one frame and `fdatasync`s it. A local write or declaration,
+//! its records staged in memory, makes that write itself and only then
+//! writes its records to sled, without a sled transaction (module `rw`):
+//! for them the journal is a write-ahead log. A peer's batch is written to
+//! sled first (its origin holds it durably and sends it again until this
+//! region acknowledges it, which waits for the journal). sled keeps its
+//! own background flush every `flush_every_ms` and is flushed by us only
+//! at checkpoints.
 //!
-//! **Recovery.** sled recovers, after a crash, a prefix of its committed
-//! transactions. On open, the journal's deltas are applied on top of it in
-//! order, each `(origin, seq)` at most once: deltas the version vector
-//! already covers are skipped, the others applied exactly as a peer's
-//! delta would be (the local writes too: a delta carries the operation
-//! the write applied). Then sled is flushed and the journal starts anew.
+//! **Recovery.** sled recovers, after a crash, a prefix of what it was
+//! given, perhaps only part of a staged commit, whose version vector
+//! entry comes last. On open, the journal's deltas are applied on top of
+//! it in order, each `(origin, seq)` at most once: deltas the version
+//! vector already covers are skipped, the others applied exactly as a
+//! peer's delta would be (the local writes too: a delta carries the
+//! operation the write applied), which is harmless where some of their
+//! records are there already (operations are idempotent). Then sled is
+//! flushed and the journal starts anew.
 //! Deltas are the whole of what a commit changes: values, stream rows, set
 //! members and the catalog follow from them; the log entry and version
 //! vector entry are written by the replay itself; the HLC high-water mark
@@ -45,12 +52,16 @@
 //! **Checkpoints.** When the active segment reaches
 //! [`crate::StoreOptions::journal_segment_bytes`], the leader starts a
 //! new one, then (off the write path, one at a time) flushes sled and
-//! deletes the segments before the new one: every transaction they record
-//! committed before that flush began.
+//! deletes the segments before the one just filled. That one stays: a
+//! staged commit whose frame it holds may still be writing sled. A
+//! segment before it was complete when the filled one got its first
+//! frame, which was handed over under the writer lock after every commit
+//! in the older segment had released it, records written.
 //!
-//! **Memory.** Deltas wait in memory only until the next flush; past
-//! [`MAX_PENDING_BYTES`] the commit that crossed it writes them itself,
-//! so a caller that never waits for durability cannot make them pile up.
+//! **Memory.** A local write's deltas wait in memory only until its own
+//! write; a peer batch's until the next write. Past [`MAX_PENDING_BYTES`]
+//! the commit that crossed it writes them itself, so a caller that never
+//! waits for durability cannot make them pile up.
 //!
 //! **Failure.** A failed journal write or sync stops the journal for
 //! good: waiters get an error, nothing is acknowledged as durable any
@@ -83,8 +94,8 @@ const SUFFIX: &str = ".journal";
 /// ceiling of any delta, so one delta always fits.
 pub(crate) const MAX_FRAME_BYTES: usize = 2 * concord_core::limits::LIMIT_CEILING_BYTES;
 /// Most bytes of deltas waiting to be written: the commit that crosses it
-/// writes them at once, so a store whose writes nobody waits for does not
-/// hold them in memory without bound.
+/// writes them at once, so a store whose peer batches nobody waits for
+/// does not hold them in memory without bound.
 pub const MAX_PENDING_BYTES: usize = 16 << 20;
 /// Smallest segment size the options accept.
 pub const MIN_SEGMENT_BYTES: u64 = 4096;
@@ -431,7 +442,7 @@ impl Journal {
     /// number, under the same lock, so every number handed out is in the
     /// pending bytes by the time anyone can wait for it. Returns the
     /// number, and whether the pending bytes have reached
-    /// [`MAX_PENDING_BYTES`]: then the caller should flush now.
+    /// [`MAX_PENDING_BYTES`]: then the caller should write them now.
     pub(crate) fn append<'a>(
         &self,
         deltas: impl IntoIterator<Item = &'a [u8]>,
@@ -445,6 +456,13 @@ impl Journal {
         let n = commit();
         p.through = n;
         (n, p.bytes.len() >= MAX_PENDING_BYTES)
+    }
+
+    /// Stops the journal: nothing more is written or acknowledged as
+    /// durable, and every waiter gets `why`.
+    pub(crate) fn stop(&self, why: String) {
+        tracing::error!(reason = %why, "the journal stopped; nothing more is acknowledged as durable");
+        Self::lock(&self.failed).get_or_insert(why);
     }
 
     /// The error every waiter gets once the journal has stopped.
@@ -461,11 +479,14 @@ impl Journal {
     /// (the group-commit leader).
     pub(crate) fn write_pending(&self) -> Result<Written> {
         self.check()?;
+        // The pending bytes are taken under the segment's lock, so two
+        // writers (a staged commit and a group-commit leader) write them in
+        // the order they were handed over.
+        let mut active = Self::lock(&self.active);
         let (bytes, through) = {
             let mut p = Self::lock(&self.pending);
             (std::mem::take(&mut p.bytes), p.through)
         };
-        let mut active = Self::lock(&self.active);
         if let Err(e) = self.write_frames(&mut active, &bytes) {
             *Self::lock(&self.failed) = Some(e.to_string());
             tracing::error!(error = %e, "journal write failed; nothing more is acknowledged as durable");
@@ -484,7 +505,9 @@ impl Journal {
                     if !self.checkpointing.swap(true, Ordering::SeqCst) {
                         checkpoint = Some(Checkpoint {
                             dir: self.dir.clone(),
-                            before: index,
+                            // The segment just filled stays: a staged
+                            // commit in it may not have reached sled yet.
+                            before: index - 1,
                             running: self.checkpointing.clone(),
                         });
                     }

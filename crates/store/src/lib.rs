@@ -32,6 +32,7 @@ pub mod layout;
 pub mod logs;
 pub mod offload;
 pub mod recent;
+mod rw;
 mod sets;
 pub mod snapshot;
 mod store;

@@ -45,15 +45,38 @@ impl Offload {
     }
 
     /// Starts `f` where this mode says without waiting for it: on the
-    /// blocking pool, or (inline) right now, to its end.
+    /// blocking pool, or on a thread of its own when called outside a
+    /// tokio runtime (the node's writer thread is one), or (inline) right
+    /// now, to its end. Should no thread start, `f` runs now.
     pub fn detach<F>(self, f: F)
     where
         F: FnOnce() + Send + 'static,
     {
         match self {
-            Offload::Pool => {
-                tokio::task::spawn_blocking(f);
-            }
+            Offload::Pool => match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn_blocking(f);
+                }
+                Err(_) => {
+                    // The closure comes back only if the thread did not
+                    // start; it is shared so that either side can take it.
+                    let once = std::sync::Arc::new(std::sync::Mutex::new(Some(f)));
+                    let theirs = once.clone();
+                    let started = std::thread::Builder::new()
+                        .name("concord-detached".into())
+                        .spawn(move || {
+                            if let Some(f) = theirs.lock().ok().and_then(|mut f| f.take()) {
+                                f();
+                            }
+                        });
+                    if let Err(e) = started {
+                        tracing::warn!(error = %e, "cannot start a thread; running the work here");
+                        if let Some(f) = once.lock().ok().and_then(|mut f| f.take()) {
+                            f();
+                        }
+                    }
+                }
+            },
             Offload::Inline => f(),
         }
     }

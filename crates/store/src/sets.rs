@@ -20,10 +20,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use concord_core::crdt::{MemberDots, Set, SetHeader};
 use concord_core::KeyspaceId;
-use sled::transaction::TransactionalTree;
 
 use crate::error::{Result, StoreError};
 use crate::layout;
+use crate::rw::Rw;
 use crate::store::{abort, Overlay, Store, TxResult};
 
 /// The committed member rows of the sets a transaction reads whole, read
@@ -98,7 +98,7 @@ pub(crate) fn decode_header(bytes: &[u8]) -> Result<SetHeader> {
     SetHeader::decode(bytes).map_err(|e| StoreError::Corrupt(format!("set header: {e}")))
 }
 
-fn tx_header(values: &TransactionalTree, vkey: &[u8]) -> TxResult<SetHeader> {
+fn tx_header(values: &Rw<'_>, vkey: &[u8]) -> TxResult<SetHeader> {
     match values.get(vkey)? {
         None => Ok(SetHeader::default()),
         Some(bytes) => decode_header(&bytes).or_else(abort),
@@ -135,8 +135,8 @@ impl<'a> TxSet<'a> {
     /// members it holds or could hold (the ones to write back).
     pub(crate) fn slice(
         &self,
-        values: &TransactionalTree,
-        members: &TransactionalTree,
+        values: &Rw<'_>,
+        members: &Rw<'_>,
         named: &[Vec<u8>],
     ) -> TxResult<(Set, BTreeSet<Vec<u8>>)> {
         let header = tx_header(values, &self.vkey)?;
@@ -151,7 +151,7 @@ impl<'a> TxSet<'a> {
     }
 
     /// The whole set, from the overlay (which must have preloaded it).
-    pub(crate) fn whole(&self, values: &TransactionalTree, overlay: &Overlay) -> TxResult<Set> {
+    pub(crate) fn whole(&self, values: &Rw<'_>, overlay: &Overlay) -> TxResult<Set> {
         let header = tx_header(values, &self.vkey)?;
         let rows = overlay
             .members
@@ -165,8 +165,8 @@ impl<'a> TxSet<'a> {
     /// it no longer has.
     pub(crate) fn store(
         &self,
-        values: &TransactionalTree,
-        members: &TransactionalTree,
+        values: &Rw<'_>,
+        members: &Rw<'_>,
         overlay: &mut Overlay,
         set: &Set,
         needed: &BTreeSet<Vec<u8>>,

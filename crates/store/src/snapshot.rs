@@ -31,6 +31,7 @@ use sled::Transactional;
 use crate::error::Result;
 use crate::layout;
 use crate::logs::TRUNCATE_CHUNK_ENTRIES;
+use crate::rw::Rw;
 use crate::sets::{MemberOverlay, TxSet};
 use crate::store::{
     decode_value, from_tx, tx_declare, tx_put_row, tx_raise_hlc, tx_raise_watermark, tx_value,
@@ -325,6 +326,13 @@ impl Store {
         );
         let trimmed = trees
             .transaction(|(catalog, values, rows, members, meta)| {
+                let (catalog, values, rows, members, meta) = (
+                    &Rw::Tx(catalog),
+                    &Rw::Tx(values),
+                    &Rw::Tx(rows),
+                    &Rw::Tx(members),
+                    &Rw::Tx(meta),
+                );
                 let mut trimmed = false;
                 let mut overlay = preloaded.clone();
                 for d in &chunk.declarations {
@@ -413,7 +421,7 @@ impl Store {
                 for &(origin, seq) in &advanced {
                     vv.insert(&layout::replica_key(origin), &seq.to_be_bytes())?;
                 }
-                tx_raise_hlc(meta, hwm)?;
+                tx_raise_hlc(&Rw::Tx(meta), hwm)?;
                 Ok(())
             })
             .map_err(from_tx)?;

@@ -12,7 +12,7 @@ use concord_core::{
     Value, VersionVector,
 };
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
 use crate::durability::{Durability, GroupCommit};
@@ -21,6 +21,7 @@ use crate::journal::{self, Journal};
 use crate::layout::{self, meta, trees, FORMAT_VERSION};
 use crate::offload::Offload;
 use crate::recent::Recent;
+use crate::rw::{Data, Rw, Staging};
 use crate::sets::{MemberOverlay, TxSet};
 
 /// Who a data directory belongs to.
@@ -241,12 +242,7 @@ pub(crate) struct Trees {
 
 /// The trees a value operation touches inside a transaction: values,
 /// stream rows, set members, meta.
-pub(crate) type ValueTrees<'a> = (
-    &'a TransactionalTree,
-    &'a TransactionalTree,
-    &'a TransactionalTree,
-    &'a TransactionalTree,
-);
+pub(crate) type ValueTrees<'a> = (&'a Rw<'a>, &'a Rw<'a>, &'a Rw<'a>, &'a Rw<'a>);
 
 pub(crate) type TxResult<T> = std::result::Result<T, ConflictableTransactionError<StoreError>>;
 
@@ -452,7 +448,9 @@ impl Store {
 
     pub(crate) fn lock_writer(&self) -> std::sync::MutexGuard<'_, Writer> {
         // A panic while holding the lock cannot leave the store half-written
-        // (transactions are atomic), so a poisoned lock is still usable.
+        // unnoticed (a sled transaction is atomic; a staged commit cut short
+        // stops the journal, and a peer's batch cut short is sent again), so
+        // a poisoned lock is still usable.
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -559,21 +557,24 @@ impl Store {
         let bytes = delta.encode_checked(&self.options.limits)?;
         let marker = delta.marker();
         let hwm = clock.last();
-        (&self.t.catalog, &self.t.log, &self.t.vv, &self.t.meta)
-            .transaction(|(catalog, log, vv, meta)| {
-                tx_declare(catalog, name, ty, marker)?;
-                log.insert(&layout::log_key(delta.origin, seq), bytes.as_slice())?;
-                vv.insert(&layout::replica_key(delta.origin), &seq.to_be_bytes())?;
-                tx_raise_hlc(meta, hwm)?;
-                Ok(())
-            })
-            .map_err(from_tx)?;
-        let commit = self.commit([bytes.as_slice()]);
+        let ((), staging) = self.run_data(true, |data| {
+            tx_declare(&data.catalog, name, ty, marker)?;
+            data.log
+                .insert(layout::log_key(delta.origin, seq), bytes.as_slice())?;
+            data.vv
+                .insert(layout::replica_key(delta.origin), seq.to_be_bytes())?;
+            tx_raise_hlc(&data.meta, hwm)?;
+            Ok(())
+        })?;
+        let commit = match staging {
+            Some(staging) => self.commit_staged(staging, [bytes.as_slice()])?,
+            None => self.commit([bytes.as_slice()]),
+        };
+        w.next_seq = seq + 1;
         let logged = bytes.len() as u64;
         let origin = delta.origin;
         self.lock_recent().push(delta, bytes.len());
         self.lock_applied().advance(origin, seq);
-        w.next_seq = seq + 1;
         self.account_log(&mut w, self.identity.replica, 1, logged);
         drop(w);
         let receipt = WriteReceipt {
@@ -590,9 +591,10 @@ impl Store {
 
     /// Runs a local batch atomically: every write is prepared from the
     /// current value, stamped with its own HLC and sequence number, applied,
-    /// logged and recorded in the version vector, all in one transaction;
-    /// reads see the batch's earlier writes. Either the whole batch commits
-    /// or nothing does.
+    /// logged and recorded in the version vector, all in one commit; reads
+    /// see the batch's earlier writes. Either the whole batch commits or
+    /// nothing does, across a crash too (module `rw`). In group mode the
+    /// batch is durable when this returns.
     pub fn write(&self, clock: &Clock, items: &[Item]) -> Result<WriteReceipt> {
         let mut w = self.lock_writer();
         let (mut receipts, trimmed) = self.write_locked(&mut w, clock, &[items])?;
@@ -604,11 +606,12 @@ impl Store {
     }
 
     /// Runs independent local batches, each as [`Store::write`] would, in
-    /// as few transactions as it can: all of them in one when none fails,
-    /// which is how concurrent clients share the cost of a transaction.
-    /// Each batch stays atomic and sees the batches before it. When one
-    /// batch fails (a limit, a type mismatch, an unknown keyspace), the
-    /// shared transaction is abandoned and each batch runs on its own, so
+    /// as few commits as it can: all of them in one when none fails,
+    /// which is how concurrent clients share the cost of a commit (in
+    /// group mode, its journal write and sync). Each batch stays atomic and
+    /// sees the batches before it. When one batch fails (a limit, a type
+    /// mismatch, an unknown keyspace), the shared commit is abandoned
+    /// before anything of it is written and each batch runs on its own, so
     /// a failing batch never fails the others. The caller bounds how many
     /// items it hands over at once.
     pub fn write_many(&self, clock: &Clock, batches: &[&[Item]]) -> Vec<Result<WriteReceipt>> {
@@ -667,9 +670,17 @@ impl Store {
                     _ => None,
                 }),
         )?;
-        let (per_batch, last_seq, logged, trimmed, fresh) = self
-            .data_trees()
-            .transaction(|(catalog, values, rows, members, log, vv, meta)| {
+        let ((per_batch, last_seq, logged, trimmed, fresh), staging) =
+            self.run_data(true, |data| {
+                let Data {
+                    catalog,
+                    values,
+                    rows,
+                    members,
+                    log,
+                    vv,
+                    meta,
+                } = data;
                 let mut seq = first_seq - 1;
                 let mut logged = 0u64;
                 let mut fresh = Vec::new();
@@ -749,7 +760,7 @@ impl Store {
                                             Some(current),
                                         )?;
                                         logged += bytes.len() as u64;
-                                        log.insert(&layout::log_key(me, seq), bytes.as_slice())?;
+                                        log.insert(layout::log_key(me, seq), bytes.as_slice())?;
                                         fresh.push((delta, bytes));
                                         ItemResult::Written { seq, hlc, value }
                                     }
@@ -792,14 +803,26 @@ impl Store {
                     per_batch.push((results, batch_last));
                 }
                 if seq >= first_seq {
-                    vv.insert(&layout::replica_key(me), &seq.to_be_bytes())?;
+                    vv.insert(layout::replica_key(me), seq.to_be_bytes())?;
                 }
                 tx_raise_hlc(meta, hwm)?;
                 Ok((per_batch, seq, logged, trimmed, fresh))
-            })
-            .map_err(from_tx)?;
+            })?;
         let wrote = last_seq >= first_seq;
-        let commit = wrote.then(|| self.commit(fresh.iter().map(|(_, b)| b.as_slice())));
+        let deltas = fresh.iter().map(|(_, b)| b.as_slice());
+        let commit = match (staging, wrote) {
+            (Some(staging), true) => Some(self.commit_staged(staging, deltas)?),
+            // Nothing to journal (a batch of reads and no-ops): at most the
+            // clock's high-water mark changed.
+            (Some(staging), false) => {
+                staging.apply()?;
+                None
+            }
+            (None, wrote) => wrote.then(|| self.commit(deltas)),
+        };
+        // First, so that nothing after the commit can make a later one
+        // reuse its sequence numbers.
+        w.next_seq = last_seq + 1;
         if wrote {
             let mut recent = self.lock_recent();
             for (delta, bytes) in fresh {
@@ -807,9 +830,6 @@ impl Store {
             }
             drop(recent);
             self.lock_applied().advance(me, last_seq);
-        }
-        w.next_seq = last_seq + 1;
-        if wrote {
             self.account_log(w, me, last_seq + 1 - first_seq, logged);
         }
         let receipts = per_batch
@@ -886,12 +906,24 @@ impl Store {
     /// [`StoreError::Gap`] and nothing of it is applied. `hwm` is the
     /// node's clock after observing the batch, persisted as the high-water
     /// mark.
+    ///
+    /// In group mode the batch is staged and written to sled at once,
+    /// without waiting for the journal, which takes its deltas for the
+    /// next write ([`Store::durable_apply`]). Unlike a local write it needs
+    /// no write-ahead: its origin holds these deltas durably, and until
+    /// this region acknowledges them (only once the journal has them) the
+    /// peer sends them again after a crash. Whatever part of the batch
+    /// sled kept then, its version vector entries, written last, cover no
+    /// more than that, and applying the rest again is idempotent.
     pub fn apply_remote(&self, deltas: &[Delta], hwm: Hlc) -> Result<ApplyReport> {
         for d in deltas {
             d.validate(&self.options.limits)?;
         }
         let mut w = self.lock_writer();
-        let (report, logged, trimmed, encoded) = self.apply_tx(deltas, hwm, false)?;
+        let ((report, logged, trimmed, encoded), staging) = self.apply_tx(deltas, hwm, false)?;
+        if let Some(staging) = staging {
+            staging.apply()?;
+        }
         let commit =
             (report.applied > 0).then(|| self.commit(encoded.iter().map(|b| b.as_slice())));
         {
@@ -914,11 +946,13 @@ impl Store {
         Ok(ApplyReport { commit, ..report })
     }
 
-    /// The transaction of [`Store::apply_remote`]: applies `deltas` each
-    /// at most once and in per-origin order, and returns what it did, the
+    /// The commit of [`Store::apply_remote`]: applies `deltas` each at
+    /// most once and in per-origin order, and returns what it did, the
     /// entries and bytes logged per origin, whether a stream was trimmed,
-    /// and the encodings of the deltas applied. A `replay` (of the journal,
-    /// at open) applies this region's own deltas too.
+    /// the encodings of the deltas applied, and the staged writes for
+    /// [`Store::commit_staged`] when it was staged. A `replay` (of the
+    /// journal, at open) applies this region's own deltas too, in a sled
+    /// transaction: the journal it replays already holds them.
     #[allow(clippy::type_complexity)]
     fn apply_tx(
         &self,
@@ -926,68 +960,148 @@ impl Store {
         hwm: Hlc,
         replay: bool,
     ) -> Result<(
-        ApplyReport,
-        BTreeMap<ReplicaId, (u64, u64)>,
-        bool,
-        Vec<Vec<u8>>,
+        (
+            ApplyReport,
+            BTreeMap<ReplicaId, (u64, u64)>,
+            bool,
+            Vec<Vec<u8>>,
+        ),
+        Option<Staging>,
     )> {
         let me = self.identity.replica;
-        self.data_trees()
+        self.run_data(!replay, |data| {
+            let Data {
+                catalog,
+                values,
+                rows,
+                members,
+                log,
+                vv,
+                meta,
+            } = data;
+            let mut report = ApplyReport::default();
+            let mut seen: BTreeMap<ReplicaId, u64> = BTreeMap::new();
+            let mut logged: BTreeMap<ReplicaId, (u64, u64)> = BTreeMap::new();
+            let mut trimmed = false;
+            let mut overlay = Overlay::default();
+            let mut encoded = Vec::new();
+            for (position, d) in deltas.iter().enumerate() {
+                let applied = match seen.get(&d.origin) {
+                    Some(&s) => s,
+                    None => tx_vv_get(vv, d.origin)?,
+                };
+                if d.seq <= applied {
+                    report.duplicates += 1;
+                    continue;
+                }
+                if d.origin == me && !replay {
+                    return abort(StoreError::OwnDeltaAhead {
+                        seq: d.seq,
+                        local: applied,
+                    });
+                }
+                if d.seq != applied + 1 {
+                    return abort(StoreError::Gap {
+                        origin: d.origin,
+                        expected: applied + 1,
+                        got: d.seq,
+                    });
+                }
+                match &d.op {
+                    Op::Declare(ty) => tx_declare(catalog, &d.keyspace, *ty, d.marker())?,
+                    _ => {
+                        trimmed |= is_trim(&d.op);
+                        tx_apply((values, rows, members, meta), &mut overlay, d, None)?;
+                    }
+                }
+                let bytes = d.encode();
+                let entry = logged.entry(d.origin).or_default();
+                entry.0 += 1;
+                entry.1 += bytes.len() as u64;
+                log.insert(layout::log_key(d.origin, d.seq), bytes.as_slice())?;
+                encoded.push(bytes);
+                seen.insert(d.origin, d.seq);
+                report.applied += 1;
+                report.fresh.push(position);
+            }
+            for (origin, seq) in &seen {
+                vv.insert(layout::replica_key(*origin), seq.to_be_bytes())?;
+            }
+            if report.applied > 0 {
+                tx_raise_hlc(meta, hwm)?;
+            }
+            Ok((report, logged, trimmed, encoded))
+        })
+    }
+
+    /// Runs a commit's `body`, which reads and writes the data trees:
+    /// staged in memory when `staged` is asked for and the store keeps a
+    /// journal, its writes returned for [`Store::commit_staged`]; otherwise
+    /// in a sled transaction, committed on return ([`crate::rw`]).
+    fn run_data<T>(
+        &self,
+        staged: bool,
+        body: impl Fn(&Data<'_>) -> TxResult<T>,
+    ) -> Result<(T, Option<Staging>)> {
+        if staged && self.journal.is_some() {
+            let staging = Staging::over(&self.t);
+            let out = body(&staging.data()).map_err(|e| match e {
+                ConflictableTransactionError::Abort(e) => e,
+                ConflictableTransactionError::Storage(e) => StoreError::Sled(e),
+                _ => StoreError::Corrupt("a staged commit reported a conflict".into()),
+            })?;
+            return Ok((out, Some(staging)));
+        }
+        let out = self
+            .data_trees()
             .transaction(|(catalog, values, rows, members, log, vv, meta)| {
-                let mut report = ApplyReport::default();
-                let mut seen: BTreeMap<ReplicaId, u64> = BTreeMap::new();
-                let mut logged: BTreeMap<ReplicaId, (u64, u64)> = BTreeMap::new();
-                let mut trimmed = false;
-                let mut overlay = Overlay::default();
-                let mut encoded = Vec::new();
-                for (position, d) in deltas.iter().enumerate() {
-                    let applied = match seen.get(&d.origin) {
-                        Some(&s) => s,
-                        None => tx_vv_get(vv, d.origin)?,
-                    };
-                    if d.seq <= applied {
-                        report.duplicates += 1;
-                        continue;
-                    }
-                    if d.origin == me && !replay {
-                        return abort(StoreError::OwnDeltaAhead {
-                            seq: d.seq,
-                            local: applied,
-                        });
-                    }
-                    if d.seq != applied + 1 {
-                        return abort(StoreError::Gap {
-                            origin: d.origin,
-                            expected: applied + 1,
-                            got: d.seq,
-                        });
-                    }
-                    match &d.op {
-                        Op::Declare(ty) => tx_declare(catalog, &d.keyspace, *ty, d.marker())?,
-                        _ => {
-                            trimmed |= is_trim(&d.op);
-                            tx_apply((values, rows, members, meta), &mut overlay, d, None)?;
-                        }
-                    }
-                    let bytes = d.encode();
-                    let entry = logged.entry(d.origin).or_default();
-                    entry.0 += 1;
-                    entry.1 += bytes.len() as u64;
-                    log.insert(&layout::log_key(d.origin, d.seq), bytes.as_slice())?;
-                    encoded.push(bytes);
-                    seen.insert(d.origin, d.seq);
-                    report.applied += 1;
-                    report.fresh.push(position);
-                }
-                for (origin, seq) in &seen {
-                    vv.insert(&layout::replica_key(*origin), &seq.to_be_bytes())?;
-                }
-                if report.applied > 0 {
-                    tx_raise_hlc(meta, hwm)?;
-                }
-                Ok((report, logged, trimmed, encoded))
+                body(&Data {
+                    catalog: Rw::Tx(catalog),
+                    values: Rw::Tx(values),
+                    rows: Rw::Tx(rows),
+                    members: Rw::Tx(members),
+                    log: Rw::Tx(log),
+                    vv: Rw::Tx(vv),
+                    meta: Rw::Tx(meta),
+                })
             })
-            .map_err(from_tx)
+            .map_err(from_tx)?;
+        Ok((out, None))
+    }
+
+    /// Makes a staged commit durable, then writes it to sled: its deltas
+    /// go to the journal with whatever other commits were waiting there,
+    /// are written and synced on this thread, and only then are its
+    /// records written. Returns its commit number, durable already. Should
+    /// sled fail to take the records, the journal stops: the commit is in
+    /// it, partly in sled, and only a restart's replay makes the two agree
+    /// again (a later commit here would reuse its sequence numbers).
+    fn commit_staged<'a>(
+        &self,
+        staging: Staging,
+        deltas: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<u64> {
+        let Some(journal) = &self.journal else {
+            return Err(StoreError::Corrupt(
+                "a staged commit without a journal".into(),
+            ));
+        };
+        journal.check()?;
+        // From here until sled has the records, a panic leaves deltas in
+        // the journal whose sequence numbers the next commit would reuse.
+        let mut guard = StopUnlessDone {
+            journal,
+            done: false,
+        };
+        let (n, _) = journal.append(deltas, || self.group.committed());
+        let written = journal.write_pending()?;
+        if let Err(e) = staging.apply() {
+            journal.stop(format!("sled refused a journaled commit: {e}"));
+            return Err(e.into());
+        }
+        self.group.written(written, &self.db, self.options.offload);
+        guard.done = true;
+        Ok(n)
     }
 
     /// Applies the journal's deltas at open, in chunks of
@@ -997,7 +1111,7 @@ impl Store {
         let mut replayed = 0;
         for chunk in deltas.chunks(REPLAY_CHUNK_DELTAS) {
             let hwm = chunk.iter().map(|d| d.hlc).max().unwrap_or(Hlc::ZERO);
-            let (report, ..) = self.apply_tx(chunk, hwm, true).map_err(|e| match e {
+            let ((report, ..), _) = self.apply_tx(chunk, hwm, true).map_err(|e| match e {
                 StoreError::Gap {
                     origin,
                     expected,
@@ -1012,8 +1126,9 @@ impl Store {
         Ok(replayed)
     }
 
-    /// Gives a committed mutation its commit number, handing its encoded
-    /// deltas to the journal in group mode.
+    /// Gives a mutation already written to sled its commit number, handing
+    /// its encoded deltas to the journal in group mode, for the next write
+    /// of the journal (by a staged commit or a durable wait) to take.
     /// Past [`journal::MAX_PENDING_BYTES`] waiting, the committer writes
     /// them itself, blocking: a backstop for callers that never wait for
     /// durability (the node always does).
@@ -1290,6 +1405,23 @@ impl Store {
     }
 }
 
+/// Stops the journal when dropped before `done`: a staged commit was cut
+/// short (a panic) between handing its deltas to the journal and writing
+/// its records to sled.
+struct StopUnlessDone<'a> {
+    journal: &'a Journal,
+    done: bool,
+}
+
+impl Drop for StopUnlessDone<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.journal
+                .stop("a journaled commit was cut short before sled had it".into());
+        }
+    }
+}
+
 /// Most journal deltas replayed in one transaction at open.
 const REPLAY_CHUNK_DELTAS: usize = 1_000;
 
@@ -1345,14 +1477,14 @@ pub(crate) fn decode_value(bytes: &[u8], ty: CrdtType) -> Result<Value> {
 
 /// A key's `values` record inside a transaction (for a set, its header
 /// only: see [`decode_value`]).
-pub(crate) fn tx_value(values: &TransactionalTree, ks: &KeyspaceId, key: &str) -> TxResult<Value> {
+pub(crate) fn tx_value(values: &Rw<'_>, ks: &KeyspaceId, key: &str) -> TxResult<Value> {
     match values.get(layout::value_key(ks, key))? {
         None => Ok(Value::empty(ks.ty)),
         Some(bytes) => decode_value(&bytes, ks.ty).or_else(abort),
     }
 }
 
-fn tx_vv_get(vv: &TransactionalTree, origin: ReplicaId) -> TxResult<u64> {
+fn tx_vv_get(vv: &Rw<'_>, origin: ReplicaId) -> TxResult<u64> {
     match vv.get(layout::replica_key(origin))? {
         None => Ok(0),
         Some(v) => layout::parse_u64("vv entry", &v).or_else(abort),
@@ -1360,7 +1492,7 @@ fn tx_vv_get(vv: &TransactionalTree, origin: ReplicaId) -> TxResult<u64> {
 }
 
 pub(crate) fn tx_declare(
-    catalog: &TransactionalTree,
+    catalog: &Rw<'_>,
     name: &str,
     ty: CrdtType,
     marker: Marker,
@@ -1385,13 +1517,13 @@ pub(crate) fn tx_declare(
     }
 }
 
-pub(crate) fn tx_raise_hlc(meta: &TransactionalTree, hwm: Hlc) -> TxResult<()> {
+pub(crate) fn tx_raise_hlc(meta: &Rw<'_>, hwm: Hlc) -> TxResult<()> {
     let current = match meta.get(meta::HLC)? {
         None => 0,
         Some(v) => layout::parse_u64("hlc record", &v).or_else(abort)?,
     };
     if hwm.as_u64() > current {
-        meta.insert(meta::HLC, &hwm.as_u64().to_be_bytes())?;
+        meta.insert(meta::HLC, hwm.as_u64().to_be_bytes())?;
     }
     Ok(())
 }
@@ -1457,7 +1589,7 @@ fn tx_apply(
 /// send other fields under that id, the greater fields are kept everywhere
 /// so that replicas cannot diverge.
 pub(crate) fn tx_put_row(
-    rows: &TransactionalTree,
+    rows: &Rw<'_>,
     overlay: &mut Overlay,
     name: &str,
     key: &str,
@@ -1490,8 +1622,8 @@ pub(crate) fn tx_put_row(
 /// bounded chunks instead of in this transaction, whose size would grow
 /// with the stream.
 pub(crate) fn tx_raise_watermark(
-    values: &TransactionalTree,
-    meta: &TransactionalTree,
+    values: &Rw<'_>,
+    meta: &Rw<'_>,
     name: &str,
     key: &str,
     stream: &mut Stream,
