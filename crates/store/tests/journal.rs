@@ -33,6 +33,21 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
+/// Checkpoints run off the write path: gives the last one a moment, then
+/// requires at most two segments left (the one just filled and the new
+/// one).
+fn assert_checkpointed(dir: &Path) {
+    let mut left = segments(dir).len();
+    for _ in 0..100 {
+        if left <= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        left = segments(dir).len();
+    }
+    assert!(left <= 2, "{left} segments left after checkpoints");
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for entry in std::fs::read_dir(from).expect("read dir") {
@@ -265,16 +280,7 @@ async fn full_segments_are_checkpointed_away() {
             .expect("write");
         store.durable(&receipt).await.expect("durable");
     }
-    // Checkpoints run off the write path; give the last one a moment.
-    let mut left = segments(dir.path()).len();
-    for _ in 0..100 {
-        if left <= 2 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        left = segments(dir.path()).len();
-    }
-    assert!(left <= 2, "{left} segments left after checkpoints");
+    assert_checkpointed(dir.path());
     assert!(
         store.flush_count() >= 2_000,
         "one journal write per durable write"
@@ -284,9 +290,6 @@ async fn full_segments_are_checkpointed_away() {
     assert_eq!(counter_k(&store), 2_000 * 2_001 / 2);
 }
 
-/// A peer's batches are written to sled at once, their deltas left for
-/// the next journal write; a caller that never waits still does not make
-/// them pile up in memory.
 /// The node's writer is a thread of its own, outside any tokio runtime:
 /// the checkpoints its writes start must run from there too.
 #[test]
@@ -309,18 +312,13 @@ fn writes_from_a_thread_without_a_runtime_start_checkpoints() {
     })
     .join()
     .expect("the writing thread");
-    let mut left = segments(dir.path()).len();
-    for _ in 0..100 {
-        if left <= 2 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        left = segments(dir.path()).len();
-    }
-    assert!(left <= 2, "{left} segments left after checkpoints");
+    assert_checkpointed(dir.path());
     assert_eq!(counter_k(&store), 500 * 501 / 2);
 }
 
+/// A peer's batches are written to sled at once, their deltas left for
+/// the next journal write; a caller that never waits still does not make
+/// them pile up in memory.
 #[test]
 fn peer_batches_nobody_waits_for_are_written_out_past_the_pending_limit() {
     let root = tempfile::tempdir().expect("tempdir");
@@ -352,19 +350,7 @@ fn peer_batches_nobody_waits_for_are_written_out_past_the_pending_limit() {
 /// lacks), as a crash that kept a staged commit's other records but not
 /// its vector entry, written last, would leave them.
 fn rewind_vector(dir: &Path, to: &concord_core::VersionVector, now: &concord_core::VersionVector) {
-    let mut attempts = 0;
-    let db = loop {
-        // sled releases a closed directory's lock a moment after the store
-        // is dropped.
-        match sled::open(dir) {
-            Ok(db) => break db,
-            Err(_) if attempts < 100 => {
-                attempts += 1;
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => panic!("cannot open {}: {e}", dir.display()),
-        }
-    };
+    let db = open_sled(dir);
     let vv = db.open_tree("vv").expect("tree");
     for (origin, _) in now.iter() {
         let key = concord_store::layout::replica_key(origin);

@@ -1,5 +1,7 @@
 //! Opening data directories (refusing the wrong ones) and group commit.
 
+mod common;
+
 use std::sync::Arc;
 
 use concord_core::clock::{ManualTime, HLC_EPOCH_UNIX_MS};
@@ -34,20 +36,9 @@ fn incr(store: &Store, clock: &Clock) -> concord_store::WriteReceipt {
 }
 
 /// Writes one record straight into a data directory, as a bug, an old
-/// build or a disk fault might. sled releases a closed directory's lock a
-/// moment after the store is dropped, so opening retries briefly.
+/// build or a disk fault might.
 fn tamper(path: &std::path::Path, tree: &str, key: &[u8], value: &[u8]) {
-    let mut attempts = 0;
-    let db = loop {
-        match sled::open(path) {
-            Ok(db) => break db,
-            Err(_) if attempts < 100 => {
-                attempts += 1;
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => panic!("cannot open {}: {e}", path.display()),
-        }
-    };
+    let db = common::open_sled(path);
     db.open_tree(tree)
         .expect("tree")
         .insert(key, value)

@@ -150,3 +150,21 @@ pub fn tail(from: &Store, to: &Store, clock: &Clock) {
         }
     }
 }
+
+/// Opens a closed store's directory with sled itself, to change records
+/// behind the store's back as a bug, an old build, a disk fault or a crash
+/// might. sled releases a closed directory's lock a moment after the store
+/// is dropped, so opening retries briefly.
+pub fn open_sled(path: &Path) -> sled::Db {
+    let mut attempts = 0;
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(_) if attempts < 100 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot open {}: {e}", path.display()),
+        }
+    }
+}
