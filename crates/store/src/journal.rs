@@ -475,8 +475,8 @@ impl Journal {
         }
     }
 
-    /// Writes and syncs everything pending. Blocks; one caller at a time
-    /// (the group-commit leader).
+    /// Writes and syncs everything pending. Blocks; callers (a staged
+    /// commit, a group-commit leader) take turns on the active segment.
     pub(crate) fn write_pending(&self) -> Result<Written> {
         self.check()?;
         // The pending bytes are taken under the segment's lock, so two

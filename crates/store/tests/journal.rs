@@ -34,18 +34,19 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Checkpoints run off the write path: gives the last one a moment, then
-/// requires at most two segments left (the one just filled and the new
-/// one).
+/// requires at most three segments left: the one just filled, the new one,
+/// and one more when the last fill found the checkpoint before still
+/// running (it then starts none; the next fill does).
 fn assert_checkpointed(dir: &Path) {
     let mut left = segments(dir).len();
     for _ in 0..100 {
-        if left <= 2 {
+        if left <= 3 {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
         left = segments(dir).len();
     }
-    assert!(left <= 2, "{left} segments left after checkpoints");
+    assert!(left <= 3, "{left} segments left after checkpoints");
 }
 
 fn copy_dir(from: &Path, to: &Path) {
