@@ -488,8 +488,7 @@ impl Journal {
             (std::mem::take(&mut p.bytes), p.through)
         };
         if let Err(e) = self.write_frames(&mut active, &bytes) {
-            *Self::lock(&self.failed) = Some(e.to_string());
-            tracing::error!(error = %e, "journal write failed; nothing more is acknowledged as durable");
+            self.stop(e.to_string());
             return Err(e);
         }
         let mut checkpoint = None;
@@ -643,5 +642,71 @@ mod tests {
             "the second delta starts the next frame"
         );
         assert_eq!(frame_cut(&bytes[4 + big..]), 4 + big);
+    }
+
+    /// Makes every later write of `store`'s journal fail, as a full or
+    /// failing disk would: its active segment is swapped for a read-only
+    /// handle of the same file.
+    fn break_journal(store: &crate::Store) {
+        let journal = store.journal_for_tests().expect("a journal");
+        let mut active = Journal::lock(&journal.active);
+        let path = segment_path(&journal.dir, active.index);
+        active.file = File::open(&path).expect("open read-only");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_failed_journal_write_stops_the_journal_and_leaves_sled_untouched() {
+        use concord_core::clock::{ManualTime, HLC_EPOCH_UNIX_MS};
+        use concord_core::crdt::Intent;
+        use concord_core::{Clock, CrdtType, Hlc, KeyspaceId, ReplicaId, Value};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let identity = crate::Identity {
+            region: "here".into(),
+            replica: ReplicaId(1),
+        };
+        let clock = Clock::new(ManualTime::new(HLC_EPOCH_UNIX_MS + 5_000_000), 0, Hlc::ZERO)
+            .expect("clock");
+        let hits = KeyspaceId {
+            name: "hits".into(),
+            ty: CrdtType::Counter,
+        };
+        let incr = [crate::Item::Write {
+            keyspace: hits.clone(),
+            key: "k".into(),
+            intent: Intent::CounterAdd(1),
+        }];
+        let counter = |store: &crate::Store| match store.get(&hits, "k").expect("get") {
+            Value::Counter(c) => c.value(),
+            other => panic!("not a counter: {other:?}"),
+        };
+        {
+            let store =
+                crate::Store::open(dir.path(), identity.clone(), crate::StoreOptions::default())
+                    .expect("open");
+            store
+                .declare(&clock, "hits", CrdtType::Counter)
+                .expect("declare");
+            store.write(&clock, &incr).expect("write before the fault");
+            break_journal(&store);
+            let failed = store
+                .write(&clock, &incr)
+                .expect_err("the journal cannot be written");
+            assert!(matches!(failed, StoreError::Journal(_)), "{failed}");
+            assert_eq!(counter(&store), 1, "sled never got the failed write");
+            let later = store
+                .write(&clock, &incr)
+                .expect_err("the journal has stopped");
+            assert!(later.to_string().contains("stopped"), "{later}");
+            // A peer link syncs before it acknowledges: nothing more is.
+            let sync = store.sync().await.expect_err("nothing is durable any more");
+            assert!(sync.to_string().contains("stopped"), "{sync}");
+        }
+        let store = crate::Store::open(dir.path(), identity, crate::StoreOptions::default())
+            .expect("reopen");
+        assert_eq!(counter(&store), 1);
+        let receipt = store.write(&clock, &incr).expect("write after the restart");
+        assert_eq!(receipt.last_seq, 3, "the failed write's seq was never used");
+        assert_eq!(counter(&store), 2);
     }
 }

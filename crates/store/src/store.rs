@@ -484,9 +484,10 @@ impl Store {
         self.group.flushes()
     }
 
-    /// Waits until the writes of `receipt` are durable. In `relaxed` mode it
-    /// returns at once. Call it inside a tokio runtime: the flush runs
-    /// where [`StoreOptions::offload`] says.
+    /// Waits until the writes of `receipt` are durable. In `relaxed` mode,
+    /// and for a local write in `group` mode (durable when it returned), it
+    /// returns at once. Call it inside a tokio runtime: a flush runs where
+    /// [`StoreOptions::offload`] says.
     pub async fn durable(&self, receipt: &WriteReceipt) -> Result<()> {
         self.wait_commit(receipt.commit).await
     }
@@ -515,6 +516,12 @@ impl Store {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The journal, for tests that break it.
+    #[cfg(test)]
+    pub(crate) fn journal_for_tests(&self) -> Option<&Arc<Journal>> {
+        self.journal.as_ref()
     }
 
     /// Flushes everything to disk now.
