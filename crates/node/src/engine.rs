@@ -3,13 +3,15 @@
 //! durability, and shapes the results for the API.
 //!
 //! Client batches go through one writer task, which takes every batch
-//! waiting when it is free and runs them together
-//! ([`Store::write_many`]): one transaction for many concurrent clients
+//! waiting when it is free and stages them together
+//! ([`Store::stage_many`]): one commit for many concurrent clients
 //! instead of one each, all contending for the store's lock. Each batch
 //! stays atomic on its own, and one that fails does not fail the others.
-//! Delta batches from peers go through the same writer
-//! ([`Engine::apply_remote`]), so the store's lock is never handed from
-//! one thread to another under load (docs/DECISIONS.md).
+//! The writer does not wait for the journal write that makes a group
+//! durable; each client does, so the writer goes on with the next group
+//! or a peer's batch meanwhile. Delta batches from peers go through the
+//! same writer ([`Engine::apply_remote`]), so the store's lock is never
+//! handed from one thread to another under load (docs/DECISIONS.md).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -295,11 +297,12 @@ fn spawn_writer(store: Arc<Store>, clock: Arc<Clock>, mut jobs: mpsc::Receiver<J
                     },
                 };
                 let group = next_group(first, &mut jobs, &mut held);
-                run_group(&store, &clock, group);
+                run_group(&store, &clock, group, &tokio::runtime::Handle::current());
             }
         });
         return;
     }
+    let runtime = tokio::runtime::Handle::current();
     let spawned = std::thread::Builder::new()
         .name("concord-writer".into())
         .spawn(move || {
@@ -318,7 +321,7 @@ fn spawn_writer(store: Arc<Store>, clock: Arc<Clock>, mut jobs: mpsc::Receiver<J
                 // on with the next group, as a failed blocking-pool task
                 // would.
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_group(&store, &clock, group)
+                    run_group(&store, &clock, group, &runtime)
                 }));
                 if ran.is_err() {
                     tracing::error!("a write group panicked; its batches failed");
@@ -352,8 +355,10 @@ fn next_group(first: Job, jobs: &mut mpsc::Receiver<Job>, held: &mut Option<Job>
 
 /// Runs a group and answers each job: the peers' delta batches first, one
 /// transaction each (a refused batch fails only itself), then the client
-/// batches together.
-fn run_group(store: &Store, clock: &Clock, group: Vec<Job>) {
+/// batches together, staged: each client waits for its batch to be
+/// durable, and so does a task spawned on `runtime`, so that the group
+/// reaches sled even when every client gave up waiting.
+fn run_group(store: &Arc<Store>, clock: &Clock, group: Vec<Job>, runtime: &tokio::runtime::Handle) {
     let mut writes = Vec::with_capacity(group.len());
     for job in group {
         match job {
@@ -371,7 +376,19 @@ fn run_group(store: &Store, clock: &Clock, group: Vec<Job>) {
     if writes.is_empty() {
         return;
     }
-    for (reply, result) in run_writes(store, clock, writes) {
+    let done = run_writes(store, clock, writes);
+    let staged = done
+        .iter()
+        .any(|(_, r)| matches!(r, Ok((_, _, receipt)) if receipt.last_seq > 0));
+    if staged {
+        let store = store.clone();
+        runtime.spawn(async move {
+            if let Err(e) = store.sync().await {
+                tracing::warn!(error = %e, "a staged write group did not become durable");
+            }
+        });
+    }
+    for (reply, result) in done {
         // A caller that gave up no longer listens; its write stands.
         let _ = reply.send(result);
     }
@@ -401,7 +418,7 @@ fn run_writes(
         }
     }
     let batches: Vec<&[Item]> = ready.iter().map(|(_, items, _)| items.as_slice()).collect();
-    let receipts = store.write_many(clock, &batches);
+    let receipts = store.stage_many(clock, &batches);
     for ((job, _, keyspaces), receipt) in ready.into_iter().zip(receipts) {
         let result = receipt
             .map(|receipt| (job.ops, keyspaces, receipt))

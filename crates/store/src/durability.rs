@@ -6,14 +6,17 @@
 //! covered.
 //!
 //! - A local write (the node's writer hands every client batch waiting
-//!   for it to the store at once) writes and syncs the journal itself
-//!   before its records reach sled (module `rw`): one write serves the
-//!   group, and the write returns durable.
+//!   for it to the store at once) is staged and queued; its records reach
+//!   sled after the journal write that makes it durable (module
+//!   `pipeline`). [`crate::Store::write`] makes that write itself and
+//!   returns durable; the node's writer stages and moves on, and each
+//!   client waits.
 //! - A peer's batch is written to sled first and its deltas wait in the
-//!   journal's buffer. The first caller to wait for a number not yet
-//!   published (a peer link before it acknowledges) and find no write
-//!   running writes whatever is pending, once; the others wait for it,
-//!   and a local write takes what is pending too.
+//!   journal's buffer.
+//! - The first caller to wait for a number not yet published (a client,
+//!   a peer link before it acknowledges) and find no write running writes
+//!   whatever is pending, once, and the queued commits it made durable;
+//!   the others wait for it.
 //!
 //! Waiting runs on whatever tokio runtime the caller uses, the
 //! simulator's included; a waiter's write runs where the store's
@@ -29,6 +32,7 @@ use tokio::sync::{watch, Mutex, MutexGuard};
 use crate::error::{Result, StoreError};
 use crate::journal::{Journal, Written};
 use crate::offload::Offload;
+use crate::pipeline::{write_and_apply, Pipeline};
 
 /// When a write is acknowledged.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +104,7 @@ impl GroupCommit {
     pub(crate) fn flush_now(
         &self,
         journal: &Journal,
+        pipeline: &Pipeline,
         db: &sled::Db,
         offload: Offload,
     ) -> Result<()> {
@@ -110,7 +115,7 @@ impl GroupCommit {
             lock: Some(lock),
             durable: &self.durable,
         };
-        let written = journal.write_pending()?;
+        let written = write_and_apply(journal, pipeline)?;
         self.written(written, db, offload);
         Ok(())
     }
@@ -130,6 +135,7 @@ impl GroupCommit {
     pub(crate) async fn wait(
         &self,
         journal: &Arc<Journal>,
+        pipeline: &Arc<Pipeline>,
         db: &sled::Db,
         n: u64,
         offload: Offload,
@@ -146,9 +152,9 @@ impl GroupCommit {
                         lock: Some(lock),
                         durable: &self.durable,
                     };
-                    let writing = journal.clone();
+                    let (writing, queue) = (journal.clone(), pipeline.clone());
                     let written = offload
-                        .run(move || writing.write_pending())
+                        .run(move || write_and_apply(&writing, &queue))
                         .await
                         .map_err(|e| StoreError::Journal(e.to_string()))??;
                     self.written(written, db, offload);

@@ -10,10 +10,11 @@
 //! a commit number (a local write, a declaration, a peer's delta batch)
 //! hands its encoded deltas to the journal, in commit order, under the
 //! writer lock; a write appends what has accumulated to an append-only
-//! file as one frame and `fdatasync`s it. A local write or declaration,
-//! its records staged in memory, makes that write itself and only then
-//! writes its records to sled, without a sled transaction (module `rw`):
-//! for them the journal is a write-ahead log. A peer's batch is written to
+//! file as one frame and `fdatasync`s it. A local write or declaration
+//! is staged in memory and queued; its records are written to sled,
+//! without a sled transaction (module `rw`), by whoever makes the journal
+//! write that covers it (module `pipeline`): for them the journal is a
+//! write-ahead log. A peer's batch is written to
 //! sled first (its origin holds it durably and sends it again until this
 //! region acknowledges it, which waits for the journal). sled keeps its
 //! own background flush every `flush_every_ms` and is flushed by us only
@@ -52,11 +53,11 @@
 //! **Checkpoints.** When the active segment reaches
 //! [`crate::StoreOptions::journal_segment_bytes`], the leader starts a
 //! new one, then (off the write path, one at a time) flushes sled and
-//! deletes the segments before the one just filled. That one stays: a
-//! staged commit whose frame it holds may still be writing sled. A
-//! segment before it was complete when the filled one got its first
-//! frame, which was handed over under the writer lock after every commit
-//! in the older segment had released it, records written.
+//! deletes the segments before the one just filled. The checkpoint
+//! starts after the write that filled the segment has written to sled
+//! every queued commit it made durable, and every commit before them (in
+//! order, module `pipeline`); every commit with a frame in an older
+//! segment is among them. The segment just filled stays all the same.
 //!
 //! **Memory.** A local write's deltas wait in memory only until its own
 //! write; a peer batch's until the next write. Past [`MAX_PENDING_BYTES`]
@@ -504,8 +505,8 @@ impl Journal {
                     if !self.checkpointing.swap(true, Ordering::SeqCst) {
                         checkpoint = Some(Checkpoint {
                             dir: self.dir.clone(),
-                            // The segment just filled stays: a staged
-                            // commit in it may not have reached sled yet.
+                            // The segment just filled stays (see the
+                            // module docs).
                             before: index - 1,
                             running: self.checkpointing.clone(),
                         });

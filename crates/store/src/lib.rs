@@ -10,6 +10,8 @@
 //!   state is recovered from after a crash.
 //! - [`logs`]: bounded growth: log truncation below a vector, the
 //!   per-origin log size cap, and the sweep of trimmed stream rows.
+//! - `pipeline`: staged local commits queued for their journal write, so
+//!   that the writer lock is free meanwhile.
 //! - [`offload`]: where blocking work runs: tokio's blocking pool, or
 //!   inline on a deterministic single-threaded runtime.
 //! - [`recent`]: the newest deltas of every log, kept in memory for the
@@ -31,6 +33,7 @@ pub mod journal;
 pub mod layout;
 pub mod logs;
 pub mod offload;
+mod pipeline;
 pub mod recent;
 mod rw;
 mod sets;

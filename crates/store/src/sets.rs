@@ -196,11 +196,12 @@ impl<'a> TxSet<'a> {
 }
 
 impl Store {
-    /// One whole set, its header and members read under the writer lock
-    /// so that both are of the same commit, and the bytes of its member
-    /// rows.
+    /// One whole set, its header and members read under the writer lock,
+    /// with no queued commit being written, so that both are of the same
+    /// commit, and the bytes of its member rows.
     pub(crate) fn whole_set(&self, name: &str, key: &str, vkey: &[u8]) -> Result<(Set, usize)> {
         let _writer = self.lock_writer();
+        let _applying = self.lock_applying();
         let header = match self.t.values.get(vkey)? {
             None => SetHeader::default(),
             Some(bytes) => decode_header(&bytes)?,

@@ -308,6 +308,8 @@ impl Store {
             }
         }
         let writer = self.lock_writer();
+        // The merge reads sled, which must hold every commit before it.
+        self.drain()?;
         let mut preloaded = Overlay::default();
         preloaded.members = MemberOverlay::preload(
             &self.t.members,
@@ -401,6 +403,7 @@ impl Store {
     pub fn finish_import(&self, covers: &VersionVector, hwm: Hlc) -> Result<()> {
         let me = self.identity.replica;
         let mut w = self.lock_writer();
+        self.drain()?;
         let current = self.version_vector()?;
         let advanced: Vec<(ReplicaId, u64)> = covers
             .iter()

@@ -20,6 +20,7 @@ use crate::error::{Result, StoreError};
 use crate::journal::{self, Journal};
 use crate::layout::{self, meta, trees, FORMAT_VERSION};
 use crate::offload::Offload;
+use crate::pipeline::{write_and_apply, Pipeline};
 use crate::recent::Recent;
 use crate::rw::{Data, Rw, Staging};
 use crate::sets::{MemberOverlay, TxSet};
@@ -189,18 +190,16 @@ pub struct Store {
     /// Serializes every mutation; holds the next local sequence number
     /// and what each origin's log holds.
     writer: Mutex<Writer>,
-    /// The `vv` tree as committed, kept in memory: raised after each
-    /// commit that raises the tree, under the writer lock, and after that
-    /// commit got its number, so whoever sees an entry here and then calls
-    /// [`Store::sync`] waits for the flush that covers it. Readers take
-    /// only this lock, never sled's: a sled transaction excludes every
-    /// other sled operation while it runs, and the peer links and
-    /// providers read the vector on async workers after every batch.
-    applied: Mutex<VersionVector>,
-    /// The newest deltas of every log, pushed after each commit under the
-    /// writer lock and before [`Store::applied`] shows them; read by log
+    /// Staged local commits on their way to sled, and what shows a commit
+    /// once sled has it ([`crate::pipeline`]): the `vv` tree as written,
+    /// kept in memory (raised after each commit that raises the tree, and
+    /// after that commit got its number, so whoever sees an entry there
+    /// and then calls [`Store::sync`] waits for the write that covers it;
+    /// readers never wait for sled, and the peer links and providers read
+    /// it on async workers after every batch), and the newest deltas of
+    /// every log, pushed before the vector shows them and read by log
     /// tailers without sled ([`crate::recent`]).
-    recent: Mutex<Recent>,
+    pipeline: Arc<Pipeline>,
     pub(crate) group: GroupCommit,
     /// Where group-committed mutations become durable; none in relaxed
     /// mode.
@@ -347,8 +346,7 @@ impl Store {
                 next_seq: 0,
                 logs: BTreeMap::new(),
             }),
-            applied: Mutex::new(VersionVector::new()),
-            recent: Mutex::new(Recent::default()),
+            pipeline: Arc::default(),
             group: GroupCommit::new(),
             journal: None,
             sweep_pending: AtomicBool::new(false),
@@ -511,7 +509,7 @@ impl Store {
         match (&self.journal, commit) {
             (Some(journal), Some(n)) => {
                 self.group
-                    .wait(journal, &self.db, n, self.options.offload)
+                    .wait(journal, &self.pipeline, &self.db, n, self.options.offload)
                     .await
             }
             _ => Ok(()),
@@ -526,7 +524,23 @@ impl Store {
 
     /// Flushes everything to disk now.
     pub fn flush(&self) -> Result<()> {
+        self.drain()?;
         self.db.flush()?;
+        Ok(())
+    }
+
+    /// Writes the journal and every queued local commit to sled now, when
+    /// any is queued ([`crate::pipeline`]). Called under the writer lock,
+    /// it leaves sled holding every commit so far.
+    pub(crate) fn drain(&self) -> Result<()> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        if self.pipeline.is_empty() {
+            return Ok(());
+        }
+        let written = write_and_apply(journal, &self.pipeline)?;
+        self.group.written(written, &self.db, self.options.offload);
         Ok(())
     }
 
@@ -573,15 +587,17 @@ impl Store {
             tx_raise_hlc(&data.meta, hwm)?;
             Ok(())
         })?;
+        let logged = bytes.len() as u64;
         let commit = match staging {
-            Some(staging) => self.commit_staged(staging, [bytes.as_slice()])?,
-            None => self.commit([bytes.as_slice()]),
+            Some(staging) => self.commit_staged(staging, vec![(delta, bytes)], true)?,
+            None => {
+                let commit = self.commit([bytes.as_slice()]);
+                self.lock_recent().push(delta, bytes.len());
+                self.lock_applied().advance(self.identity.replica, seq);
+                commit
+            }
         };
         w.next_seq = seq + 1;
-        let logged = bytes.len() as u64;
-        let origin = delta.origin;
-        self.lock_recent().push(delta, bytes.len());
-        self.lock_applied().advance(origin, seq);
         self.account_log(&mut w, self.identity.replica, 1, logged);
         drop(w);
         let receipt = WriteReceipt {
@@ -604,7 +620,7 @@ impl Store {
     /// batch is durable when this returns.
     pub fn write(&self, clock: &Clock, items: &[Item]) -> Result<WriteReceipt> {
         let mut w = self.lock_writer();
-        let (mut receipts, trimmed) = self.write_locked(&mut w, clock, &[items])?;
+        let (mut receipts, trimmed) = self.write_locked(&mut w, clock, &[items], true)?;
         drop(w);
         self.after_trim(trimmed);
         receipts
@@ -620,11 +636,33 @@ impl Store {
     /// mismatch, an unknown keyspace), the shared commit is abandoned
     /// before anything of it is written and each batch runs on its own, so
     /// a failing batch never fails the others. The caller bounds how many
-    /// items it hands over at once.
+    /// items it hands over at once. In group mode the batches are durable
+    /// when this returns.
     pub fn write_many(&self, clock: &Clock, batches: &[&[Item]]) -> Vec<Result<WriteReceipt>> {
+        self.write_many_then(clock, batches, true)
+    }
+
+    /// [`Store::write_many`] without waiting for the journal: in group mode
+    /// the batches are staged and queued, and each becomes durable, and
+    /// readable, when [`Store::durable`] returns for its receipt; until
+    /// then nobody reads it. The writer lock is free again as soon as they
+    /// are staged, so a peer's batch need not wait for the journal write
+    /// of the local commit before it ([`crate::pipeline`]). A batch that
+    /// reads ranges or whole sets, trims a stream, or depends on a queued
+    /// commit waits for the queue's journal write first, under the lock.
+    pub fn stage_many(&self, clock: &Clock, batches: &[&[Item]]) -> Vec<Result<WriteReceipt>> {
+        self.write_many_then(clock, batches, false)
+    }
+
+    fn write_many_then(
+        &self,
+        clock: &Clock,
+        batches: &[&[Item]],
+        wait: bool,
+    ) -> Vec<Result<WriteReceipt>> {
         let mut w = self.lock_writer();
         let mut trimmed = false;
-        let results = match self.write_locked(&mut w, clock, batches) {
+        let results = match self.write_locked(&mut w, clock, batches, wait) {
             Ok((receipts, t)) => {
                 trimmed = t;
                 receipts.into_iter().map(Ok).collect()
@@ -632,7 +670,7 @@ impl Store {
             Err(_) if batches.len() > 1 => batches
                 .iter()
                 .map(|b| {
-                    let (mut receipts, t) = self.write_locked(&mut w, clock, &[b])?;
+                    let (mut receipts, t) = self.write_locked(&mut w, clock, &[b], wait)?;
                     trimmed |= t;
                     receipts
                         .pop()
@@ -647,12 +685,15 @@ impl Store {
     }
 
     /// [`Store::write_many`] with the writer lock held, all batches in one
-    /// transaction; also says whether a stream was trimmed.
+    /// commit, durable on return when `wait` says so (or when it trims a
+    /// stream: the sweep reads sled); also says whether a stream was
+    /// trimmed.
     fn write_locked(
         &self,
         w: &mut Writer,
         clock: &Clock,
         batches: &[&[Item]],
+        wait: bool,
     ) -> Result<(Vec<WriteReceipt>, bool)> {
         let mut hlcs = Vec::new();
         for item in batches.iter().flat_map(|b| b.iter()) {
@@ -664,179 +705,200 @@ impl Store {
         let me = self.identity.replica;
         let limits = &self.options.limits;
         let first_seq = w.next_seq;
-        let mut preloaded = Overlay::preload(&self.t.rows, &self.row_needs_of_items(batches)?)?;
-        preloaded.members = MemberOverlay::preload(
-            &self.t.members,
-            batches
-                .iter()
-                .flat_map(|b| b.iter())
-                .filter_map(|item| match item {
-                    Item::Get { keyspace, key } if keyspace.ty == CrdtType::Set => {
-                        Some((keyspace.name.as_str(), key.as_str()))
-                    }
-                    _ => None,
-                }),
-        )?;
-        let ((per_batch, last_seq, logged, trimmed, fresh), staging) =
-            self.run_data(true, |data| {
-                let Data {
-                    catalog,
-                    values,
-                    rows,
-                    members,
-                    log,
-                    vv,
-                    meta,
-                } = data;
-                let mut seq = first_seq - 1;
-                let mut logged = 0u64;
-                let mut fresh = Vec::new();
-                let mut trimmed = false;
-                let mut overlay = preloaded.clone();
-                let mut stamps = hlcs.iter();
-                let mut declared: BTreeSet<&KeyspaceId> = BTreeSet::new();
-                let mut per_batch = Vec::with_capacity(batches.len());
-                for items in batches {
-                    let batch_first = seq + 1;
-                    let mut results = Vec::with_capacity(items.len());
-                    for item in items.iter() {
-                        let result = match item {
-                            Item::Write {
-                                keyspace,
-                                key,
-                                intent,
-                            } => {
-                                let Some(&hlc) = stamps.next() else {
-                                    return abort(StoreError::Corrupt("missing stamp".into()));
-                                };
-                                // The catalog cannot change inside the
-                                // transaction: each keyspace is looked up
-                                // once.
-                                if !declared.contains(&keyspace)
-                                    && catalog
-                                        .get(layout::catalog_key(&keyspace.name, keyspace.ty))?
-                                        .is_none()
+        let whole_sets: Vec<(&str, &str)> = batches
+            .iter()
+            .flat_map(|b| b.iter())
+            .filter_map(|item| match item {
+                Item::Get { keyspace, key } if keyspace.ty == CrdtType::Set => {
+                    Some((keyspace.name.as_str(), key.as_str()))
+                }
+                _ => None,
+            })
+            .collect();
+        // Ranges (and the watermarks bounding them) are read from sled
+        // before the commit: it must hold every commit before this one.
+        let ranges = batches
+            .iter()
+            .flat_map(|b| b.iter())
+            .any(|item| matches!(item, Item::StreamRange { .. }));
+        if ranges || !whole_sets.is_empty() {
+            self.drain()?;
+        }
+        let row_needs = self.row_needs_of_items(batches)?;
+        let mut preloaded = Overlay::preload(&self.t.rows, &row_needs)?;
+        preloaded.members = MemberOverlay::preload(&self.t.members, whole_sets)?;
+        let body = |data: &Data<'_>| {
+            let Data {
+                catalog,
+                values,
+                rows,
+                members,
+                log,
+                vv,
+                meta,
+            } = data;
+            let mut seq = first_seq - 1;
+            let mut logged = 0u64;
+            let mut fresh = Vec::new();
+            let mut trimmed = false;
+            let mut overlay = preloaded.clone();
+            let mut stamps = hlcs.iter();
+            let mut declared: BTreeSet<&KeyspaceId> = BTreeSet::new();
+            let mut per_batch = Vec::with_capacity(batches.len());
+            for items in batches {
+                let batch_first = seq + 1;
+                let mut results = Vec::with_capacity(items.len());
+                for item in items.iter() {
+                    let result = match item {
+                        Item::Write {
+                            keyspace,
+                            key,
+                            intent,
+                        } => {
+                            let Some(&hlc) = stamps.next() else {
+                                return abort(StoreError::Corrupt("missing stamp".into()));
+                            };
+                            // The catalog cannot change inside the
+                            // transaction: each keyspace is looked up
+                            // once.
+                            if !declared.contains(&keyspace)
+                                && catalog
+                                    .get(layout::catalog_key(&keyspace.name, keyspace.ty))?
+                                    .is_none()
+                            {
+                                return abort(StoreError::UnknownKeyspace {
+                                    name: keyspace.name.clone(),
+                                    ty: keyspace.ty,
+                                });
+                            }
+                            declared.insert(keyspace);
+                            if let Err(e) = limits.check_key(key) {
+                                return abort(e);
+                            }
+                            let current = match intent {
+                                Intent::SetAdd(named) | Intent::SetRemove(named)
+                                    if keyspace.ty == CrdtType::Set =>
                                 {
-                                    return abort(StoreError::UnknownKeyspace {
-                                        name: keyspace.name.clone(),
-                                        ty: keyspace.ty,
-                                    });
+                                    let set = TxSet::of(keyspace, key);
+                                    Value::Set(set.slice(values, members, named)?.0)
                                 }
-                                declared.insert(keyspace);
-                                if let Err(e) = limits.check_key(key) {
-                                    return abort(e);
-                                }
-                                let current = match intent {
-                                    Intent::SetAdd(named) | Intent::SetRemove(named)
-                                        if keyspace.ty == CrdtType::Set =>
-                                    {
-                                        let set = TxSet::of(keyspace, key);
-                                        Value::Set(set.slice(values, members, named)?.0)
-                                    }
-                                    _ => tx_value(values, keyspace, key)?,
-                                };
-                                let op = match current.prepare(me, hlc, intent, limits) {
-                                    Ok(op) => op,
-                                    Err(e) => return abort(e),
-                                };
-                                match op {
-                                    None => ItemResult::Written {
-                                        seq: 0,
+                                _ => tx_value(values, keyspace, key)?,
+                            };
+                            let op = match current.prepare(me, hlc, intent, limits) {
+                                Ok(op) => op,
+                                Err(e) => return abort(e),
+                            };
+                            match op {
+                                None => ItemResult::Written {
+                                    seq: 0,
+                                    hlc,
+                                    value: current,
+                                },
+                                Some(op) => {
+                                    seq += 1;
+                                    let delta = Delta {
+                                        origin: me,
+                                        seq,
                                         hlc,
-                                        value: current,
-                                    },
-                                    Some(op) => {
-                                        seq += 1;
-                                        let delta = Delta {
-                                            origin: me,
-                                            seq,
-                                            hlc,
-                                            keyspace: keyspace.name.clone(),
-                                            key: key.clone(),
-                                            op,
-                                        };
-                                        let bytes = match delta.encode_checked(limits) {
-                                            Ok(b) => b,
-                                            Err(e) => return abort(e),
-                                        };
-                                        trimmed |= is_trim(&delta.op);
-                                        let value = tx_apply(
-                                            (values, rows, members, meta),
-                                            &mut overlay,
-                                            &delta,
-                                            Some(current),
-                                        )?;
-                                        logged += bytes.len() as u64;
-                                        log.insert(layout::log_key(me, seq), bytes.as_slice())?;
-                                        fresh.push((delta, bytes));
-                                        ItemResult::Written { seq, hlc, value }
-                                    }
+                                        keyspace: keyspace.name.clone(),
+                                        key: key.clone(),
+                                        op,
+                                    };
+                                    let bytes = match delta.encode_checked(limits) {
+                                        Ok(b) => b,
+                                        Err(e) => return abort(e),
+                                    };
+                                    trimmed |= is_trim(&delta.op);
+                                    let value = tx_apply(
+                                        (values, rows, members, meta),
+                                        &mut overlay,
+                                        &delta,
+                                        Some(current),
+                                    )?;
+                                    logged += bytes.len() as u64;
+                                    log.insert(layout::log_key(me, seq), bytes.as_slice())?;
+                                    fresh.push((delta, bytes));
+                                    ItemResult::Written { seq, hlc, value }
                                 }
                             }
-                            Item::Get { keyspace, key } if keyspace.ty == CrdtType::Set => {
-                                let set = TxSet::of(keyspace, key).whole(values, &overlay)?;
-                                ItemResult::Value(Value::Set(set))
-                            }
-                            Item::Get { keyspace, key } => {
-                                ItemResult::Value(tx_value(values, keyspace, key)?)
-                            }
-                            Item::StreamRange {
-                                keyspace,
-                                key,
-                                from,
-                                to,
-                                count,
-                            } => {
-                                let watermark = match tx_value(values, keyspace, key)? {
-                                    Value::Stream(s) => s.trimmed_before(),
-                                    other => {
-                                        return abort(CoreError::TypeMismatch {
-                                            expected: other.crdt_type(),
-                                            found: CrdtType::Stream,
-                                        })
-                                    }
-                                };
-                                let from = (*from).max(watermark);
-                                ItemResult::Entries(
-                                    overlay
-                                        .range(&keyspace.name, key, from, *to, *count)
-                                        .map_err(ConflictableTransactionError::Abort)?,
-                                )
-                            }
-                        };
-                        results.push(result);
-                    }
-                    let batch_last = if seq >= batch_first { seq } else { 0 };
-                    per_batch.push((results, batch_last));
+                        }
+                        Item::Get { keyspace, key } if keyspace.ty == CrdtType::Set => {
+                            let set = TxSet::of(keyspace, key).whole(values, &overlay)?;
+                            ItemResult::Value(Value::Set(set))
+                        }
+                        Item::Get { keyspace, key } => {
+                            ItemResult::Value(tx_value(values, keyspace, key)?)
+                        }
+                        Item::StreamRange {
+                            keyspace,
+                            key,
+                            from,
+                            to,
+                            count,
+                        } => {
+                            let watermark = match tx_value(values, keyspace, key)? {
+                                Value::Stream(s) => s.trimmed_before(),
+                                other => {
+                                    return abort(CoreError::TypeMismatch {
+                                        expected: other.crdt_type(),
+                                        found: CrdtType::Stream,
+                                    })
+                                }
+                            };
+                            let from = (*from).max(watermark);
+                            ItemResult::Entries(
+                                overlay
+                                    .range(&keyspace.name, key, from, *to, *count)
+                                    .map_err(ConflictableTransactionError::Abort)?,
+                            )
+                        }
+                    };
+                    results.push(result);
                 }
-                if seq >= first_seq {
-                    vv.insert(layout::replica_key(me), seq.to_be_bytes())?;
-                }
-                tx_raise_hlc(meta, hwm)?;
-                Ok((per_batch, seq, logged, trimmed, fresh))
-            })?;
+                let batch_last = if seq >= batch_first { seq } else { 0 };
+                per_batch.push((results, batch_last));
+            }
+            if seq >= first_seq {
+                vv.insert(layout::replica_key(me), seq.to_be_bytes())?;
+            }
+            tx_raise_hlc(meta, hwm)?;
+            Ok((per_batch, seq, logged, trimmed, fresh))
+        };
+        let queued = self.pipeline.queued();
+        let (mut out, mut staging) = self.run_data(true, body)?;
+        if staging.as_ref().is_some_and(|s| queued.hold_up(s, false)) {
+            // It read records a queued commit wrote: once they are in
+            // sled, it runs again (nothing of the first run was kept).
+            self.drain()?;
+            (out, staging) = self.run_data(true, body)?;
+        }
+        let (per_batch, last_seq, logged, trimmed, fresh) = out;
         let wrote = last_seq >= first_seq;
-        let deltas = fresh.iter().map(|(_, b)| b.as_slice());
         let commit = match (staging, wrote) {
-            (Some(staging), true) => Some(self.commit_staged(staging, deltas)?),
+            (Some(staging), true) => Some(self.commit_staged(staging, fresh, wait || trimmed)?),
             // Nothing to journal (a batch of reads and no-ops): at most the
-            // clock's high-water mark changed.
+            // clock's high-water mark changed, which only rises.
             (Some(staging), false) => {
                 staging.apply()?;
                 None
             }
-            (None, wrote) => wrote.then(|| self.commit(deltas)),
+            (None, wrote) => {
+                let commit = wrote.then(|| self.commit(fresh.iter().map(|(_, b)| b.as_slice())));
+                if wrote {
+                    let mut recent = self.lock_recent();
+                    for (delta, bytes) in &fresh {
+                        recent.push(delta.clone(), bytes.len());
+                    }
+                    drop(recent);
+                    self.lock_applied().advance(me, last_seq);
+                }
+                commit
+            }
         };
         // First, so that nothing after the commit can make a later one
         // reuse its sequence numbers.
         w.next_seq = last_seq + 1;
         if wrote {
-            let mut recent = self.lock_recent();
-            for (delta, bytes) in fresh {
-                recent.push(delta, bytes.len());
-            }
-            drop(recent);
-            self.lock_applied().advance(me, last_seq);
             self.account_log(w, me, last_seq + 1 - first_seq, logged);
         }
         let receipts = per_batch
@@ -916,7 +978,8 @@ impl Store {
     ///
     /// In group mode the batch is staged and written to sled at once,
     /// without waiting for the journal, which takes its deltas for the
-    /// next write ([`Store::durable_apply`]). Unlike a local write it needs
+    /// next write ([`Store::durable_apply`]), and ahead of queued local
+    /// commits it does not depend on ([`crate::pipeline`]). Unlike a local write it needs
     /// no write-ahead: its origin holds these deltas durably, and until
     /// this region acknowledges them (only once the journal has them) the
     /// peer sends them again after a crash. Whatever part of the batch
@@ -927,7 +990,19 @@ impl Store {
             d.validate(&self.options.limits)?;
         }
         let mut w = self.lock_writer();
-        let ((report, logged, trimmed, encoded), staging) = self.apply_tx(deltas, hwm, false)?;
+        // A trim's sweep reads sled, which must hold the commits before it.
+        if deltas.iter().any(|d| is_trim(&d.op)) {
+            self.drain()?;
+        }
+        let queued = self.pipeline.queued();
+        let (mut out, mut staging) = self.apply_tx(deltas, hwm, false)?;
+        if staging.as_ref().is_some_and(|s| queued.hold_up(s, true)) {
+            // It would reach sled ahead of queued commits whose records it
+            // reads or writes: once they are in sled, it runs again.
+            self.drain()?;
+            (out, staging) = self.apply_tx(deltas, hwm, false)?;
+        }
+        let (report, logged, trimmed, encoded) = out;
         if let Some(staging) = staging {
             staging.apply()?;
         }
@@ -1076,17 +1151,16 @@ impl Store {
         Ok((out, None))
     }
 
-    /// Makes a staged commit durable, then writes it to sled: its deltas
-    /// go to the journal with whatever other commits were waiting there,
-    /// are written and synced on this thread, and only then are its
-    /// records written. Returns its commit number, durable already. Should
-    /// sled fail to take the records, the journal stops: the commit is in
-    /// it, partly in sled, and only a restart's replay makes the two agree
-    /// again (a later commit here would reuse its sequence numbers).
-    fn commit_staged<'a>(
+    /// Queues a staged local commit ([`crate::pipeline`]): its deltas go
+    /// to the journal with whatever other commits were waiting there, and
+    /// its records wait for the journal write that makes them durable.
+    /// With `wait`, that write is made now, on this thread, and the commit
+    /// is durable and in sled on return. Returns its commit number.
+    fn commit_staged(
         &self,
         staging: Staging,
-        deltas: impl IntoIterator<Item = &'a [u8]>,
+        fresh: Vec<(Delta, Vec<u8>)>,
+        wait: bool,
     ) -> Result<u64> {
         let Some(journal) = &self.journal else {
             return Err(StoreError::Corrupt(
@@ -1094,20 +1168,20 @@ impl Store {
             ));
         };
         journal.check()?;
-        // From here until sled has the records, a panic leaves deltas in
-        // the journal whose sequence numbers the next commit would reuse.
-        let mut guard = StopUnlessDone {
-            journal,
-            done: false,
-        };
-        let (n, _) = journal.append(deltas, || self.group.committed());
-        let written = journal.write_pending()?;
-        if let Err(e) = staging.apply() {
-            journal.stop(format!("sled refused a journaled commit: {e}"));
-            return Err(e.into());
+        let (deltas, encoded): (Vec<Delta>, Vec<Vec<u8>>) = fresh.into_iter().unzip();
+        let queued = deltas
+            .into_iter()
+            .zip(encoded.iter().map(Vec::len))
+            .collect();
+        let (n, full) = journal.append(encoded.iter().map(Vec::as_slice), || {
+            let n = self.group.committed();
+            self.pipeline.push(n, staging, queued);
+            n
+        });
+        if wait || full {
+            let written = write_and_apply(journal, &self.pipeline)?;
+            self.group.written(written, &self.db, self.options.offload);
         }
-        self.group.written(written, &self.db, self.options.offload);
-        guard.done = true;
         Ok(n)
     }
 
@@ -1146,9 +1220,9 @@ impl Store {
         let (n, full) = journal.append(deltas, || self.group.committed());
         if full {
             // A failure stops the journal, which every durable wait reports.
-            if let Err(e) = self
-                .group
-                .flush_now(journal, &self.db, self.options.offload)
+            if let Err(e) =
+                self.group
+                    .flush_now(journal, &self.pipeline, &self.db, self.options.offload)
             {
                 tracing::warn!(error = %e, "writing the full journal buffer failed");
             }
@@ -1166,10 +1240,12 @@ impl Store {
 
     /// Raises the persisted HLC high-water mark to `hlc`.
     pub fn raise_hlc_high_water(&self, hlc: Hlc) -> Result<()> {
-        let _writer = self.lock_writer();
-        if hlc > self.hlc_high_water()? {
-            self.t.meta.insert(meta::HLC, &hlc.as_u64().to_be_bytes())?;
-        }
+        let raised = hlc.as_u64().to_be_bytes();
+        // Only ever up, whoever else raises it meanwhile.
+        self.t.meta.fetch_and_update(meta::HLC, |old| match old {
+            Some(old) if old >= &raised[..] => Some(sled::IVec::from(old)),
+            _ => Some(sled::IVec::from(&raised[..])),
+        })?;
         Ok(())
     }
 
@@ -1304,13 +1380,17 @@ impl Store {
     }
 
     pub(crate) fn lock_applied(&self) -> std::sync::MutexGuard<'_, VersionVector> {
-        self.applied.lock().unwrap_or_else(|p| p.into_inner())
+        self.pipeline.lock_applied()
     }
 
     pub(crate) fn lock_recent(&self) -> std::sync::MutexGuard<'_, Recent> {
-        // Pushes and drops leave it consistent at every step, so a
-        // poisoned lock is still usable.
-        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+        self.pipeline.lock_recent()
+    }
+
+    /// Held while no queued local commit is being written to sled: with
+    /// the writer lock, a reader sees every commit whole.
+    pub(crate) fn lock_applying(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.pipeline.lock_applying()
     }
 
     /// [`Store::log_from`] from memory only: the newest deltas of
@@ -1408,23 +1488,6 @@ impl Store {
         match self.t.meta.get(meta::HLC)? {
             None => Ok(Hlc::ZERO),
             Some(v) => Ok(Hlc::from_u64(layout::parse_u64("hlc record", &v)?)),
-        }
-    }
-}
-
-/// Stops the journal when dropped before `done`: a staged commit was cut
-/// short (a panic) between handing its deltas to the journal and writing
-/// its records to sled.
-struct StopUnlessDone<'a> {
-    journal: &'a Journal,
-    done: bool,
-}
-
-impl Drop for StopUnlessDone<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.journal
-                .stop("a journaled commit was cut short before sled had it".into());
         }
     }
 }
@@ -1566,8 +1629,14 @@ fn tx_apply(
             if id >= stream.trimmed_before() {
                 tx_put_row(rows, overlay, &d.keyspace, &d.key, id, fields)?;
             }
-            // The watermark record exists from the first write on.
-            values.insert(vkey, value.encode())?;
+            // The watermark record exists from the first write on. An
+            // append does not change it, so it is written only once:
+            // appends to one stream from several regions then touch no
+            // common record, and a peer's append need not wait for a
+            // queued local one ([`crate::pipeline`]).
+            if values.get(&vkey)?.is_none() {
+                values.insert(vkey, value.encode())?;
+            }
         }
         (Value::Stream(stream), Op::Stream(StreamOp::Trim { before })) => {
             tx_raise_watermark(values, meta, &d.keyspace, &d.key, stream, *before)?;

@@ -230,6 +230,22 @@ fn check(store: &Store, acks: &BTreeMap<u64, Ack>, round: usize) {
         .map(|(n, t, m)| (n.to_string(), t, m))
         .collect();
     assert_eq!(stored.declarations, replayed, "round {round}: catalog");
+    // Which keys differ, with their newest operations: the whole dump
+    // below is long.
+    for (key, value) in &values {
+        if stored.values.get(key) != Some(value) {
+            let newest: Vec<_> = log
+                .iter()
+                .rev()
+                .filter(|d| d.keyspace == key.0 && d.key == key.2)
+                .take(3)
+                .map(|d| (d.seq, d.op.clone()))
+                .collect();
+            eprintln!(
+                "round {round}: {key:?} differs; vector at {last}, newest operations {newest:?}"
+            );
+        }
+    }
     assert_eq!(
         stored.values, values,
         "round {round}: values differ from the log"
