@@ -35,6 +35,15 @@ fn peer_write(rng: &mut fastrand::Rng, peer: &Store) -> Item {
     write(&key, intent)
 }
 
+/// Stages one batch of one item.
+fn stage_one(store: &Store, clock: &Clock, item: Item) -> WriteReceipt {
+    store
+        .stage_many(clock, &[&[item]])
+        .pop()
+        .expect("one")
+        .expect("staged")
+}
+
 fn counter(store: &Store, key: &str) -> i128 {
     match store.get(&ks("hits", CrdtType::Counter), key).expect("get") {
         Value::Counter(c) => c.value(),
@@ -141,11 +150,7 @@ fn a_peer_batch_is_read_while_a_local_commit_waits_for_its_journal_write() {
     tail(&peer, &store, &clock);
     let declared = store.applied(ME).expect("applied");
 
-    let local = store
-        .stage_many(&clock, &[&[write("mine", Intent::CounterAdd(5))]])
-        .pop()
-        .expect("one")
-        .expect("staged");
+    let local = stage_one(&store, &clock, write("mine", Intent::CounterAdd(5)));
     assert_eq!(counter(&store, "mine"), 0, "read before it is durable");
     assert_eq!(store.applied(ME).expect("applied"), declared);
 
@@ -165,16 +170,8 @@ fn a_peer_batch_is_read_while_a_local_commit_waits_for_its_journal_write() {
     assert_eq!(store.applied(ME).expect("applied"), local.last_seq);
 
     // A local commit that reads a queued one's record sees it.
-    let first = store
-        .stage_many(&clock, &[&[write("again", Intent::CounterAdd(1))]])
-        .pop()
-        .expect("one")
-        .expect("staged");
-    let second = store
-        .stage_many(&clock, &[&[write("again", Intent::CounterAdd(1))]])
-        .pop()
-        .expect("one")
-        .expect("staged");
+    let first = stage_one(&store, &clock, write("again", Intent::CounterAdd(1)));
+    let second = stage_one(&store, &clock, write("again", Intent::CounterAdd(1)));
     rt.block_on(store.durable(&second)).expect("durable");
     assert!(first.last_seq < second.last_seq);
     assert_eq!(counter(&store, "again"), 2);
@@ -192,11 +189,7 @@ fn a_store_closed_with_a_commit_queued_opens_without_it() {
     let store = open_as(dir.path(), 1, StoreOptions::default());
     declare_all(&store, &clock);
     let durable = store.applied(ME).expect("applied");
-    let queued = store
-        .stage_many(&clock, &[&[write("k", Intent::CounterAdd(5))]])
-        .pop()
-        .expect("one")
-        .expect("staged");
+    let queued = stage_one(&store, &clock, write("k", Intent::CounterAdd(5)));
     assert_eq!(queued.last_seq, durable + 1);
     drop(store);
 
@@ -239,11 +232,7 @@ fn commits_staged_while_others_are_written_out_read_no_stale_record() {
             1 => write(&key, Intent::CounterAdd(1)),
             _ => write(&key, Intent::RegisterSet(n.to_le_bytes().to_vec())),
         };
-        store
-            .stage_many(&clock, &[&[item]])
-            .pop()
-            .expect("one")
-            .expect("staged");
+        stage_one(&store, &clock, item);
     }
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     syncer.join().expect("syncer");
