@@ -647,7 +647,7 @@ impl Store {
     /// readable, when [`Store::durable`] returns for its receipt; until
     /// then nobody reads it. The writer lock is free again as soon as they
     /// are staged, so a peer's batch need not wait for the journal write
-    /// of the local commit before it ([`crate::pipeline`]). A batch that
+    /// of the local commit before it (module `pipeline`). A batch that
     /// reads ranges or whole sets, trims a stream, or depends on a queued
     /// commit waits for the queue's journal write first, under the lock.
     pub fn stage_many(&self, clock: &Clock, batches: &[&[Item]]) -> Vec<Result<WriteReceipt>> {
@@ -979,12 +979,13 @@ impl Store {
     /// In group mode the batch is staged and written to sled at once,
     /// without waiting for the journal, which takes its deltas for the
     /// next write ([`Store::durable_apply`]), and ahead of queued local
-    /// commits it does not depend on ([`crate::pipeline`]). Unlike a local write it needs
-    /// no write-ahead: its origin holds these deltas durably, and until
-    /// this region acknowledges them (only once the journal has them) the
-    /// peer sends them again after a crash. Whatever part of the batch
-    /// sled kept then, its version vector entries, written last, cover no
-    /// more than that, and applying the rest again is idempotent.
+    /// commits it does not depend on (module `pipeline`). Unlike a local
+    /// write it needs no write-ahead: its origin holds these deltas
+    /// durably, and until this region acknowledges them (only once the
+    /// journal has them) the peer sends them again after a crash. Whatever
+    /// part of the batch sled kept then, its version vector entries,
+    /// written last, cover no more than that, and applying the rest again
+    /// is idempotent.
     pub fn apply_remote(&self, deltas: &[Delta], hwm: Hlc) -> Result<ApplyReport> {
         for d in deltas {
             d.validate(&self.options.limits)?;
