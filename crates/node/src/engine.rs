@@ -44,6 +44,33 @@ enum Job {
     Apply(ApplyJob),
 }
 
+/// The highest own seq known durable, and the wake-up of whatever tails
+/// this region: its own deltas are shipped to peers only up to that seq,
+/// so a crash can never leave peers holding writes this region lost. The
+/// writer's durability task for a group records it too, so a group whose
+/// clients all gave up waiting is still shipped.
+#[derive(Debug, Clone)]
+struct OwnDurable {
+    seq: Arc<AtomicU64>,
+    /// Bumped after every durable local write and every remote apply, so
+    /// peers' tails wake up.
+    changes: Arc<watch::Sender<u64>>,
+}
+
+impl OwnDurable {
+    fn notify(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Own deltas up to `seq` are durable: raises the mark, wakes peers.
+    fn record(&self, seq: u64) {
+        if seq > 0 {
+            self.seq.fetch_max(seq, Ordering::AcqRel);
+            self.notify();
+        }
+    }
+}
+
 /// A client batch on its way to the writer.
 #[derive(Debug)]
 struct WriteJob {
@@ -82,13 +109,9 @@ pub struct Engine {
     clock: Arc<Clock>,
     writer: mpsc::Sender<Job>,
     subscriptions: Subscriptions,
-    /// Bumped after every durable local write and every remote apply, so
-    /// peers' tails wake up.
-    changes: Arc<watch::Sender<u64>>,
-    /// The highest own seq known durable: deltas of this region are
-    /// shipped to peers only up to it, so a crash can never leave peers
-    /// holding writes this region lost.
-    durable_own: Arc<AtomicU64>,
+    /// How far this region's own deltas are durable, and the wake-up of
+    /// peers' tails.
+    own: OwnDurable,
     /// Turns true when the node starts shutting down.
     stopping: Arc<watch::Sender<bool>>,
 }
@@ -99,18 +122,22 @@ impl Engine {
     /// ends when the last clone of the engine is dropped.
     pub fn new(store: Arc<Store>, clock: Arc<Clock>) -> Self {
         let (writer, jobs) = mpsc::channel(WRITE_QUEUE);
-        spawn_writer(store.clone(), clock.clone(), jobs);
         // What the store holds after opening is on disk. Should the read
         // fail, 0 is the safe side: own deltas then wait for the next
         // durable write before they are shipped.
-        let durable_own = store.applied(store.identity().replica).unwrap_or(0);
+        let own = OwnDurable {
+            seq: Arc::new(AtomicU64::new(
+                store.applied(store.identity().replica).unwrap_or(0),
+            )),
+            changes: Arc::new(watch::Sender::new(0)),
+        };
+        spawn_writer(store.clone(), clock.clone(), jobs, own.clone());
         Engine {
             store,
             clock,
             writer,
             subscriptions: Subscriptions::default(),
-            changes: Arc::new(watch::Sender::new(0)),
-            durable_own: Arc::new(AtomicU64::new(durable_own)),
+            own,
             stopping: Arc::new(watch::Sender::new(false)),
         }
     }
@@ -118,25 +145,22 @@ impl Engine {
     /// A receiver that sees a change after every durable local write and
     /// every remote apply.
     pub fn changes(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
+        self.own.changes.subscribe()
     }
 
     /// Wakes everything waiting on [`Engine::changes`].
     pub fn notify_changed(&self) {
-        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        self.own.notify();
     }
 
     /// The highest seq of this region's own log that is durable.
     pub fn durable_own_seq(&self) -> u64 {
-        self.durable_own.load(Ordering::Acquire)
+        self.own.seq.load(Ordering::Acquire)
     }
 
     /// Records that own deltas up to `seq` are durable, and wakes peers.
     fn own_durable(&self, seq: u64) {
-        if seq > 0 {
-            self.durable_own.fetch_max(seq, Ordering::AcqRel);
-            self.notify_changed();
-        }
+        self.own.record(seq);
     }
 
     /// Starts the shutdown: subscriptions and peer streams end.
@@ -284,7 +308,12 @@ impl Engine {
 /// [`Offload::Inline`](concord_store::Offload::Inline) — a deterministic,
 /// single-threaded runtime — it is a task that runs each group inline, so
 /// no second thread decides when a result comes back.
-fn spawn_writer(store: Arc<Store>, clock: Arc<Clock>, mut jobs: mpsc::Receiver<Job>) {
+fn spawn_writer(
+    store: Arc<Store>,
+    clock: Arc<Clock>,
+    mut jobs: mpsc::Receiver<Job>,
+    own: OwnDurable,
+) {
     if store.offload() == concord_store::Offload::Inline {
         tokio::spawn(async move {
             let mut held = None;
@@ -297,7 +326,13 @@ fn spawn_writer(store: Arc<Store>, clock: Arc<Clock>, mut jobs: mpsc::Receiver<J
                     },
                 };
                 let group = next_group(first, &mut jobs, &mut held);
-                run_group(&store, &clock, group, &tokio::runtime::Handle::current());
+                run_group(
+                    &store,
+                    &clock,
+                    group,
+                    &own,
+                    &tokio::runtime::Handle::current(),
+                );
             }
         });
         return;
@@ -321,7 +356,7 @@ fn spawn_writer(store: Arc<Store>, clock: Arc<Clock>, mut jobs: mpsc::Receiver<J
                 // on with the next group, as a failed blocking-pool task
                 // would.
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_group(&store, &clock, group, &runtime)
+                    run_group(&store, &clock, group, &own, &runtime)
                 }));
                 if ran.is_err() {
                     tracing::error!("a write group panicked; its batches failed");
@@ -357,8 +392,15 @@ fn next_group(first: Job, jobs: &mut mpsc::Receiver<Job>, held: &mut Option<Job>
 /// transaction each (a refused batch fails only itself), then the client
 /// batches together, staged: each client waits for its batch to be
 /// durable, and so does a task spawned on `runtime`, so that the group
-/// reaches sled even when every client gave up waiting.
-fn run_group(store: &Arc<Store>, clock: &Clock, group: Vec<Job>, runtime: &tokio::runtime::Handle) {
+/// reaches sled, and is shipped (`own`), even when every client gave up
+/// waiting.
+fn run_group(
+    store: &Arc<Store>,
+    clock: &Clock,
+    group: Vec<Job>,
+    own: &OwnDurable,
+    runtime: &tokio::runtime::Handle,
+) {
     let mut writes = Vec::with_capacity(group.len());
     for job in group {
         match job {
@@ -377,14 +419,19 @@ fn run_group(store: &Arc<Store>, clock: &Clock, group: Vec<Job>, runtime: &tokio
         return;
     }
     let done = run_writes(store, clock, writes);
-    let staged = done
+    let last_seq = done
         .iter()
-        .any(|(_, r)| matches!(r, Ok((_, _, receipt)) if receipt.last_seq > 0));
-    if staged {
-        let store = store.clone();
+        .filter_map(|(_, r)| r.as_ref().ok().map(|(_, _, receipt)| receipt.last_seq))
+        .max()
+        .unwrap_or(0);
+    if last_seq > 0 {
+        let (store, own) = (store.clone(), own.clone());
         runtime.spawn(async move {
-            if let Err(e) = store.sync().await {
-                tracing::warn!(error = %e, "a staged write group did not become durable");
+            match store.sync().await {
+                Ok(()) => own.record(last_seq),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a staged write group did not become durable")
+                }
             }
         });
     }
@@ -650,6 +697,34 @@ mod tests {
             Value::Counter(c) => i64::try_from(c.value()).expect("fits"),
             other => panic!("not a counter: {other:?}"),
         }
+    }
+
+    /// A client that gave up before its write ran: nobody waits for the
+    /// staged group, yet it becomes durable, readable and shipped.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_group_whose_clients_gave_up_is_still_written_and_shipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = engine(dir.path());
+        engine
+            .create_keyspace("hits".into(), CrdtType::Counter)
+            .await
+            .expect("create");
+        let before = engine.durable_own_seq();
+        let (reply, answer) = oneshot::channel();
+        drop(answer);
+        engine
+            .submit(Job::Write(WriteJob { ops: add(4), reply }))
+            .await
+            .expect("submit");
+        let shipped = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while engine.durable_own_seq() <= before {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert!(shipped.is_ok(), "the abandoned write was never shipped");
+        assert_eq!(engine.durable_own_seq(), before + 1);
+        assert_eq!(counter(&engine, "k"), 4);
     }
 
     /// With the writer a task on this very thread, every job queued below
