@@ -668,6 +668,16 @@ mod tests {
         Engine::new(Arc::new(store), Arc::new(clock))
     }
 
+    /// An engine with the counter keyspace `hits` declared.
+    async fn counting(dir: &std::path::Path) -> Engine {
+        let engine = engine(dir);
+        engine
+            .create_keyspace("hits".into(), CrdtType::Counter)
+            .await
+            .expect("create");
+        engine
+    }
+
     fn add(n: i64) -> Vec<ClientOp> {
         vec![ClientOp {
             keyspace: "hits".into(),
@@ -704,11 +714,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_group_whose_clients_gave_up_is_still_written_and_shipped() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let engine = engine(dir.path());
-        engine
-            .create_keyspace("hits".into(), CrdtType::Counter)
-            .await
-            .expect("create");
+        let engine = counting(dir.path()).await;
         let before = engine.durable_own_seq();
         let (reply, answer) = oneshot::channel();
         drop(answer);
@@ -733,11 +739,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_refused_peer_batch_fails_alone_among_client_writes_and_good_batches() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let engine = engine(dir.path());
-        engine
-            .create_keyspace("hits".into(), CrdtType::Counter)
-            .await
-            .expect("create");
+        let engine = counting(dir.path()).await;
         let hwm = engine.clock().last();
         let (first, gap, second, good) = tokio::join!(
             engine.run(add(1)),

@@ -52,14 +52,15 @@ struct Queued {
     /// Its commit number.
     n: u64,
     records: Frozen,
-    /// Its deltas and their encoded sizes, for [`Recent`] and the vector.
-    deltas: Vec<(Delta, usize)>,
+    /// Its deltas and their encoded sizes, for [`Recent`] and the vector;
+    /// taken by whoever writes the commit to sled.
+    deltas: Mutex<Vec<(Delta, usize)>>,
 }
 
 /// The commits queued at one moment ([`Pipeline::queued`]).
-pub(crate) struct Snapshot(Vec<Arc<Queued>>);
+pub(crate) struct QueueView(Vec<Arc<Queued>>);
 
-impl Snapshot {
+impl QueueView {
     /// Whether `staging` depends on one of them (see
     /// [`Staging::depends_on`]).
     pub(crate) fn hold_up(&self, staging: &Staging, writes_too: bool) -> bool {
@@ -97,7 +98,7 @@ impl Pipeline {
         lock(&self.queue).push_back(Arc::new(Queued {
             n,
             records: staging.freeze(),
-            deltas,
+            deltas: Mutex::new(deltas),
         }));
     }
 
@@ -110,8 +111,8 @@ impl Pipeline {
     /// afterwards whether the commit depends on one of them: one written
     /// out meanwhile left the queue, but the commit may have read sled
     /// before it was there.
-    pub(crate) fn queued(&self) -> Snapshot {
-        Snapshot(lock(&self.queue).iter().cloned().collect())
+    pub(crate) fn queued(&self) -> QueueView {
+        QueueView(lock(&self.queue).iter().cloned().collect())
     }
 
     /// Writes every queued commit numbered up to `through` to sled, oldest
@@ -131,19 +132,20 @@ impl Pipeline {
             // meanwhile still sees that it must not read these records
             // from sled.
             next.records.apply()?;
-            {
-                let mut recent = lock(&self.recent);
-                for (delta, size) in &next.deltas {
-                    recent.push(delta.clone(), *size);
-                }
-            }
-            {
-                let mut applied = lock(&self.applied);
-                for (delta, _) in &next.deltas {
-                    applied.advance(delta.origin, delta.seq);
-                }
-            }
+            self.show(std::mem::take(&mut *lock(&next.deltas)));
             lock(&self.queue).pop_front();
+        }
+    }
+
+    /// Shows deltas whose records sled now holds: pushes them to the
+    /// recent deltas, then raises the vector, both under their locks at
+    /// once, so a reader of the vector finds them in the recent deltas.
+    pub(crate) fn show(&self, deltas: impl IntoIterator<Item = (Delta, usize)>) {
+        let mut recent = lock(&self.recent);
+        let mut applied = lock(&self.applied);
+        for (delta, size) in deltas {
+            applied.advance(delta.origin, delta.seq);
+            recent.push(delta, size);
         }
     }
 

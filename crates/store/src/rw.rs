@@ -7,9 +7,10 @@
 //!   reads through its own writes, its deltas are written and synced to
 //!   the [journal](crate::journal), and only then are the staged records
 //!   written to sled with plain inserts, value records after what they
-//!   stand for and the version vector last ([`Staging::in_order`]). The journal is then a write-ahead log: whatever
-//!   part of a commit sled holds after a crash, the journal holds the whole
-//!   commit, and the replay at open re-applies every delta above the
+//!   stand for and the version vector last ([`Staging::in_order`]). The
+//!   journal is then a write-ahead log: whatever part of a commit sled
+//!   holds after a crash, the journal holds the whole commit, and the
+//!   replay at open re-applies every delta above the
 //!   recovered version vector (sled recovers a prefix of its writes, and
 //!   the vector is written after everything it covers). Re-applying an
 //!   operation whose records are partly there changes nothing twice:

@@ -592,8 +592,7 @@ impl Store {
             Some(staging) => self.commit_staged(staging, vec![(delta, bytes)], true)?,
             None => {
                 let commit = self.commit([bytes.as_slice()]);
-                self.lock_recent().push(delta, bytes.len());
-                self.lock_applied().advance(self.identity.replica, seq);
+                self.pipeline.show([(delta, bytes.len())]);
                 commit
             }
         };
@@ -884,14 +883,8 @@ impl Store {
             }
             (None, wrote) => {
                 let commit = wrote.then(|| self.commit(fresh.iter().map(|(_, b)| b.as_slice())));
-                if wrote {
-                    let mut recent = self.lock_recent();
-                    for (delta, bytes) in &fresh {
-                        recent.push(delta.clone(), bytes.len());
-                    }
-                    drop(recent);
-                    self.lock_applied().advance(me, last_seq);
-                }
+                self.pipeline
+                    .show(fresh.into_iter().map(|(d, b)| (d, b.len())));
                 commit
             }
         };
@@ -1009,18 +1002,13 @@ impl Store {
         }
         let commit =
             (report.applied > 0).then(|| self.commit(encoded.iter().map(|b| b.as_slice())));
-        {
-            let mut recent = self.lock_recent();
-            for (&i, bytes) in report.fresh.iter().zip(&encoded) {
-                recent.push(deltas[i].clone(), bytes.len());
-            }
-        }
-        {
-            let mut applied = self.lock_applied();
-            for &i in &report.fresh {
-                applied.advance(deltas[i].origin, deltas[i].seq);
-            }
-        }
+        self.pipeline.show(
+            report
+                .fresh
+                .iter()
+                .zip(&encoded)
+                .map(|(&i, bytes)| (deltas[i].clone(), bytes.len())),
+        );
         for (origin, (entries, bytes)) in logged {
             self.account_log(&mut w, origin, entries, bytes);
         }
