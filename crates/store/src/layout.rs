@@ -8,7 +8,7 @@
 //! | `values` | [`value_key`]: type, name, key | the key's CRDT state ([`Value::encode`](concord_core::Value::encode)); for sets only the [`SetHeader`](concord_core::crdt::SetHeader), for streams only the trim watermark |
 //! | `set_members` | [`member_key`]: name, key, member | one set member's [`MemberDots`](concord_core::crdt::MemberDots) |
 //! | `stream_rows` | [`row_key`]: name, key, entry id | one stream entry's fields (postcard) |
-//! | `log` | origin (u32 BE), seq (u64 BE) | an encoded [`Delta`](concord_core::Delta) |
+//! | `log` | origin (u32 BE), first seq (u64 BE) | a run of the origin's consecutive deltas from that seq on: their count (u32 BE), then each [encoded](concord_core::Delta::encode) delta's length (u32 BE) and bytes (module `runs`) |
 //! | `vv` | origin (u32 BE) | highest applied seq (u64 BE) |
 //! | `acks` | peer (u32 BE) | the peer's acknowledged version vector (postcard) |
 //!
@@ -36,9 +36,10 @@
 //!   so the dead rows are never seen, and a trim's transaction does not
 //!   grow with the stream.
 //! - Each origin's log holds a contiguous run of seqs ending at the version
-//!   vector's entry: truncation removes a prefix, and the log's first seq
-//!   is its floor. A reader asking for a seq below it is told to catch up
-//!   by snapshot.
+//!   vector's entry, in records of up to a few hundred deltas each (a
+//!   commit's deltas of one origin): truncation removes a prefix of whole
+//!   records, and the first record's first seq is the log's floor. A
+//!   reader asking for a seq below it is told to catch up by snapshot.
 //! - Big-endian integers make sled's byte order the numeric order.
 
 use concord_core::crdt::{CrdtType, StreamId};
@@ -49,8 +50,9 @@ use crate::error::{Result, StoreError};
 /// The on-disk format this build reads and writes.
 ///
 /// Version 1 stored a set whole in its `values` record; version 2 stores
-/// each member as a row of `set_members`.
-pub const FORMAT_VERSION: u32 = 2;
+/// each member as a row of `set_members`; version 3 stores the log in
+/// runs, one record for many deltas, where version 2 had one per delta.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Tree names.
 pub(crate) mod trees {

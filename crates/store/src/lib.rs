@@ -16,16 +16,19 @@
 //!   inline on a deterministic single-threaded runtime.
 //! - [`recent`]: the newest deltas of every log, kept in memory for the
 //!   peers tailing them.
+//! - `runs`: the log's records, each a run of one origin's consecutive
+//!   deltas.
 //! - [`snapshot`]: chunked export of the whole state and its import by
 //!   CvRDT merge, for catch-up.
 //! - [`StoreError`]: the crate's one error type.
 //!
-//! Every mutation — a local write with its log entry and version vector
-//! entry, or a batch of remote deltas — commits in one sled transaction, so
-//! a crash never leaves a value without its delta or the reverse. Mutations
-//! are serialized by one writer lock: local sequence numbers must be
-//! assigned in commit order anyway, and a single writer never has sled retry
-//! a conflicting transaction.
+//! Every mutation — a local write with its log records and version vector
+//! entry, or a batch of remote deltas — is all or nothing across a crash:
+//! in `group` durability its deltas are in the journal before its records
+//! reach sled, and the journal's replay completes a commit sled kept in
+//! part; in `relaxed` durability it commits in one sled transaction.
+//! Mutations are serialized by one writer lock: local sequence numbers must
+//! be assigned in commit order anyway.
 
 pub mod durability;
 mod error;
@@ -35,6 +38,7 @@ pub mod logs;
 pub mod offload;
 mod pipeline;
 pub mod recent;
+mod runs;
 mod rw;
 mod sets;
 pub mod snapshot;

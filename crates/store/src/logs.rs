@@ -14,11 +14,12 @@ use concord_core::{ReplicaId, VersionVector};
 
 use crate::error::{Result, StoreError};
 use crate::layout::{self, meta};
+use crate::runs::Run;
 use crate::store::{LogUsage, Store, Writer};
 
-/// Most log entries one truncation step removes before it records what it
-/// removed (taking the writer lock for that only).
-pub const TRUNCATE_CHUNK_ENTRIES: usize = 4096;
+/// Most log records (module `runs`) one truncation step removes before
+/// it records what it removed (taking the writer lock for that only).
+pub const TRUNCATE_STEP_RECORDS: usize = 4096;
 
 /// Most trimmed stream rows a mutation deletes on its way out; the rest
 /// are left for the next mutations (or [`Store::sweep_trimmed`]).
@@ -27,11 +28,11 @@ pub const SWEEP_ROWS_PER_CALL: usize = 4096;
 /// What one pass of [`Store::remove_log_prefix`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Removed {
-    /// Entries this pass removed.
+    /// Deltas this pass removed.
     pub(crate) entries: u64,
     /// Their bytes.
     pub(crate) bytes: u64,
-    /// Entries it found, whether it or a racing pass removed them: fewer
+    /// Records it found, whether it or a racing pass removed them: fewer
     /// than it was allowed means it reached the end of the prefix.
     pub(crate) visited: usize,
 }
@@ -61,13 +62,14 @@ pub struct TruncateReport {
 
 impl Store {
     /// Removes from every origin's log the entries with seq at or below
-    /// `below[origin]` (never past what this region has applied). The node
+    /// `below[origin]` (never past what this region has applied), record by
+    /// record: a record holding a delta above it stays whole. The node
     /// passes the meet of its peers' acknowledged vectors: what every peer
     /// has.
     ///
-    /// Writes go on meanwhile: entries are removed one at a time, oldest
+    /// Writes go on meanwhile: records are removed one at a time, oldest
     /// first, without the writer lock (which is taken per step of
-    /// [`TRUNCATE_CHUNK_ENTRIES`], only to record the sizes). Removing them
+    /// [`TRUNCATE_STEP_RECORDS`], only to record the sizes). Removing them
     /// in one sled batch held sled's exclusive lock, and so every write
     /// and every remote apply, for 6-90 ms each second (docs/BENCHMARKS.md).
     pub fn truncate_logs(&self, below: &VersionVector) -> Result<TruncateReport> {
@@ -76,13 +78,13 @@ impl Store {
             let through = seq.min(self.applied(origin)?);
             loop {
                 let removed =
-                    self.remove_log_prefix(origin, through, None, TRUNCATE_CHUNK_ENTRIES)?;
+                    self.remove_log_prefix(origin, through, None, TRUNCATE_STEP_RECORDS)?;
                 if removed.entries > 0 {
                     self.forget_log(&mut self.lock_writer(), origin, removed);
                 }
                 report.entries += removed.entries;
                 report.bytes += removed.bytes;
-                if removed.visited < TRUNCATE_CHUNK_ENTRIES {
+                if removed.visited < TRUNCATE_STEP_RECORDS {
                     break;
                 }
             }
@@ -141,9 +143,10 @@ impl Store {
                 layout::parse_replica_key(k.get(..4).ok_or_else(|| {
                     StoreError::Corrupt(format!("log key of {} bytes", k.len()))
                 })?)?;
+            let run = Run::parse(origin, &k, &v)?;
             let u = logs.entry(origin).or_default();
-            u.entries += 1;
-            u.bytes += v.len() as u64;
+            u.entries += run.deltas.len() as u64;
+            u.bytes += run.bytes();
         }
         Ok(logs)
     }
@@ -161,8 +164,9 @@ impl Store {
     }
 
     /// Removes the oldest entries of each of `origins`' logs until it is
-    /// within `max_log_bytes_per_origin`. The newest entry always stays:
-    /// the cap is at least one delta's size.
+    /// within `max_log_bytes_per_origin`. The newest record always stays:
+    /// the cap is at least one delta's size, and a record holds at most a
+    /// quarter of the cap or one delta ([`crate::runs::run_max_bytes`]).
     pub(crate) fn enforce_log_cap(&self, w: &mut Writer, origins: &[ReplicaId]) -> Result<()> {
         let cap = self.options.max_log_bytes_per_origin;
         for &origin in origins {
@@ -188,43 +192,48 @@ impl Store {
         Ok(())
     }
 
-    /// Removes entries of `origin` from the oldest on, with seq at most
-    /// `through`, at most `max_entries` of them, and — when `min_bytes` is
-    /// given — only as many as it takes to remove that many bytes (but
-    /// never the newest entry). The caller passes what it removed to
+    /// Removes records of `origin`'s log ([`crate::runs`]) from the oldest
+    /// on, each only when all its deltas have seq at most `through`, at
+    /// most `max_records` of them, and — when `min_bytes` is given — only
+    /// as many as it takes to remove that many bytes (but never the newest
+    /// record). The caller passes what it removed to
     /// [`Store::forget_log`].
     ///
-    /// One entry at a time, oldest first: sled keeps each removal atomic
+    /// One record at a time, oldest first: sled keeps each removal atomic
     /// and recovers a prefix of them after a crash, so the log stays a
     /// contiguous run whatever happens, and no lock is held across the
-    /// whole prefix. Two removals racing over the same entries count each
-    /// entry once (only the one that removed it does).
+    /// whole prefix. Two removals racing over the same records count each
+    /// record once (only the one that removed it does).
     pub(crate) fn remove_log_prefix(
         &self,
         origin: ReplicaId,
         through: u64,
         min_bytes: Option<u64>,
-        max_entries: usize,
+        max_records: usize,
     ) -> Result<Removed> {
         let range = layout::log_key(origin, 0)..=layout::log_key(origin, through);
         let mut removed = Removed::default();
         let mut last = None;
-        let mut keys = self.t.log.range(range).keys().peekable();
-        while let Some(key) = keys.next() {
-            if removed.visited >= max_entries || min_bytes.is_some_and(|m| removed.bytes >= m) {
+        let mut records = self.t.log.range(range).peekable();
+        while let Some(record) = records.next() {
+            if removed.visited >= max_records || min_bytes.is_some_and(|m| removed.bytes >= m) {
                 break;
             }
-            if min_bytes.is_some() && keys.peek().is_none() {
+            if min_bytes.is_some() && records.peek().is_none() {
+                break;
+            }
+            let (key, value) = record?;
+            let run = Run::parse(origin, &key, &value)?;
+            if run.last() > through {
                 break;
             }
             removed.visited += 1;
-            let key = key?;
-            let seq = layout::parse_u64("log key", key.get(4..).unwrap_or_default())?;
             if let Some(old) = self.t.log.remove(&key)? {
-                removed.entries += 1;
-                removed.bytes += old.len() as u64;
+                let run = Run::parse(origin, &key, &old)?;
+                removed.entries += run.deltas.len() as u64;
+                removed.bytes += run.bytes();
             }
-            last = Some(seq);
+            last = Some(run.last());
         }
         if let Some(seq) = last {
             self.lock_recent().drop_through(origin, seq);

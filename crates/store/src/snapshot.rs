@@ -30,7 +30,7 @@ use sled::Transactional;
 
 use crate::error::Result;
 use crate::layout;
-use crate::logs::TRUNCATE_CHUNK_ENTRIES;
+use crate::logs::TRUNCATE_STEP_RECORDS;
 use crate::rw::Rw;
 use crate::sets::{MemberOverlay, TxSet};
 use crate::store::{
@@ -412,9 +412,9 @@ impl Store {
         for &(origin, _) in &advanced {
             loop {
                 let removed =
-                    self.remove_log_prefix(origin, u64::MAX, None, TRUNCATE_CHUNK_ENTRIES)?;
+                    self.remove_log_prefix(origin, u64::MAX, None, TRUNCATE_STEP_RECORDS)?;
                 self.forget_log(&mut w, origin, removed);
-                if removed.visited < TRUNCATE_CHUNK_ENTRIES {
+                if removed.visited < TRUNCATE_STEP_RECORDS {
                     break;
                 }
             }

@@ -22,6 +22,7 @@ use crate::layout::{self, meta, trees, FORMAT_VERSION};
 use crate::offload::Offload;
 use crate::pipeline::{write_and_apply, Pipeline};
 use crate::recent::Recent;
+use crate::runs::{self, LogRuns, Run};
 use crate::rw::{Data, Rw, Staging};
 use crate::sets::{MemberOverlay, TxSet};
 
@@ -353,6 +354,7 @@ impl Store {
             sweeper: Mutex::new(()),
             cap_removed: AtomicU64::new(0),
         };
+        store.drop_log_tails_past_the_vector()?;
         let replayed = store.replay(&recovered.deltas)?;
         if replayed > 0 {
             tracing::info!(
@@ -378,7 +380,6 @@ impl Store {
         let applied = store.read_version_vector()?;
         let last = applied.get(store.identity.replica);
         *store.lock_applied() = applied;
-        store.check_own_log(last)?;
         let logs = store.measure_logs()?;
         let sweeps = store.pending_sweeps()?;
         {
@@ -397,24 +398,45 @@ impl Store {
         Ok(store)
     }
 
-    /// Checks that this region's log does not run past its version vector
-    /// entry, which only a corrupted directory can show.
-    fn check_own_log(&self, last: u64) -> Result<()> {
-        let me = self.identity.replica;
-        let end = layout::log_key(me, u64::MAX);
-        if let Some((k, _)) = self
-            .t
-            .log
-            .range(layout::log_key(me, 0)..=end)
-            .next_back()
-            .transpose()?
-        {
-            let seq = layout::parse_u64("log key", &k[4..])?;
-            if seq > last {
-                return Err(StoreError::Corrupt(format!(
-                    "own log reaches seq {seq} but the version vector says {last}"
-                )));
+    /// Removes the log records of every origin above its version vector
+    /// entry, before the journal is replayed: what a commit cut short by
+    /// a crash left of its log (the entry is written after everything it
+    /// covers). Its deltas come back whole from the journal, or for a
+    /// peer's batch the journal never took, from the peer; in records
+    /// that need not start where these did, so these must not stay.
+    fn drop_log_tails_past_the_vector(&self) -> Result<()> {
+        let vv = self.read_version_vector()?;
+        let mut next = Some(0u32);
+        while let Some(origin) = next {
+            let Some((k, _)) = self
+                .t
+                .log
+                .range(layout::log_key(ReplicaId(origin), 0)..)
+                .next()
+                .transpose()?
+            else {
+                break;
+            };
+            let origin = layout::parse_replica_key(&k[..4.min(k.len())])?;
+            let above = layout::log_key(origin, vv.get(origin).saturating_add(1));
+            let mut dropped = 0usize;
+            for key in self
+                .t
+                .log
+                .range(above..=layout::log_key(origin, u64::MAX))
+                .keys()
+            {
+                self.t.log.remove(key?)?;
+                dropped += 1;
             }
+            if dropped > 0 {
+                tracing::warn!(
+                    origin = origin.0,
+                    records = dropped,
+                    "dropped log records a crash left past the version vector"
+                );
+            }
+            next = origin.0.checked_add(1);
         }
         Ok(())
     }
@@ -442,6 +464,11 @@ impl Store {
             &self.t.vv,
             &self.t.meta,
         )
+    }
+
+    /// The log records of one commit, sized for this store's log cap.
+    fn log_runs(&self) -> LogRuns {
+        LogRuns::new(runs::run_max_bytes(self.options.max_log_bytes_per_origin))
     }
 
     pub(crate) fn lock_writer(&self) -> std::sync::MutexGuard<'_, Writer> {
@@ -580,8 +607,9 @@ impl Store {
         let hwm = clock.last();
         let ((), staging) = self.run_data(true, |data| {
             tx_declare(&data.catalog, name, ty, marker)?;
-            data.log
-                .insert(layout::log_key(delta.origin, seq), bytes.as_slice())?;
+            let mut runs = self.log_runs();
+            runs.push(&data.log, delta.origin, seq, &bytes)?;
+            runs.finish(&data.log)?;
             data.vv
                 .insert(layout::replica_key(delta.origin), seq.to_be_bytes())?;
             tx_raise_hlc(&data.meta, hwm)?;
@@ -744,6 +772,7 @@ impl Store {
             let mut stamps = hlcs.iter();
             let mut declared: BTreeSet<&KeyspaceId> = BTreeSet::new();
             let mut per_batch = Vec::with_capacity(batches.len());
+            let mut runs = self.log_runs();
             for items in batches {
                 let batch_first = seq + 1;
                 let mut results = Vec::with_capacity(items.len());
@@ -815,7 +844,7 @@ impl Store {
                                         Some(current),
                                     )?;
                                     logged += bytes.len() as u64;
-                                    log.insert(layout::log_key(me, seq), bytes.as_slice())?;
+                                    runs.push(log, me, seq, &bytes)?;
                                     fresh.push((delta, bytes));
                                     ItemResult::Written { seq, hlc, value }
                                 }
@@ -857,6 +886,7 @@ impl Store {
                 let batch_last = if seq >= batch_first { seq } else { 0 };
                 per_batch.push((results, batch_last));
             }
+            runs.finish(log)?;
             if seq >= first_seq {
                 vv.insert(layout::replica_key(me), seq.to_be_bytes())?;
             }
@@ -1056,6 +1086,7 @@ impl Store {
             let mut trimmed = false;
             let mut overlay = Overlay::default();
             let mut encoded = Vec::new();
+            let mut runs = self.log_runs();
             for (position, d) in deltas.iter().enumerate() {
                 let applied = match seen.get(&d.origin) {
                     Some(&s) => s,
@@ -1089,12 +1120,13 @@ impl Store {
                 let entry = logged.entry(d.origin).or_default();
                 entry.0 += 1;
                 entry.1 += bytes.len() as u64;
-                log.insert(layout::log_key(d.origin, d.seq), bytes.as_slice())?;
+                runs.push(log, d.origin, d.seq, &bytes)?;
                 encoded.push(bytes);
                 seen.insert(d.origin, d.seq);
                 report.applied += 1;
                 report.fresh.push(position);
             }
+            runs.finish(log)?;
             for (origin, seq) in &seen {
                 vv.insert(layout::replica_key(*origin), seq.to_be_bytes())?;
             }
@@ -1434,17 +1466,43 @@ impl Store {
         let applied = self.applied(origin)?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        let range = layout::log_key(origin, from_seq)..=layout::log_key(origin, u64::MAX);
-        for item in self.t.log.range(range) {
-            let (_, v) = item?;
-            if out.len() >= max_count || (!out.is_empty() && bytes + v.len() > max_bytes) {
-                break;
+        // The record holding `from_seq` starts at or below it.
+        let start = match self
+            .t
+            .log
+            .range(layout::log_key(origin, 0)..=layout::log_key(origin, from_seq))
+            .next_back()
+            .transpose()?
+        {
+            Some((k, _)) => k.to_vec(),
+            None => layout::log_key(origin, from_seq).to_vec(),
+        };
+        'records: for item in self
+            .t
+            .log
+            .range(start..=layout::log_key(origin, u64::MAX).to_vec())
+        {
+            let (k, v) = item?;
+            let run = Run::parse(origin, &k, &v)?;
+            for (seq, encoded) in (run.first..).zip(&run.deltas) {
+                if seq < from_seq {
+                    continue;
+                }
+                if out.len() >= max_count || (!out.is_empty() && bytes + encoded.len() > max_bytes)
+                {
+                    break 'records;
+                }
+                bytes += encoded.len();
+                let delta = Delta::decode(encoded, &self.options.limits)
+                    .map_err(|e| StoreError::Corrupt(format!("log of replica {origin}: {e}")))?;
+                if delta.origin != origin || delta.seq != seq {
+                    return Err(StoreError::Corrupt(format!(
+                        "log of replica {origin}: delta {} of replica {} where seq {seq} belongs",
+                        delta.seq, delta.origin
+                    )));
+                }
+                out.push(delta);
             }
-            bytes += v.len();
-            out.push(
-                Delta::decode(&v, &self.options.limits)
-                    .map_err(|e| StoreError::Corrupt(format!("log of replica {origin}: {e}")))?,
-            );
         }
         // Logs are contiguous runs ending at the version vector's entry, so
         // anything but `from_seq` first means the entries asked for were

@@ -74,6 +74,57 @@ fn truncation_removes_a_prefix_and_sends_earlier_readers_to_a_snapshot() {
     assert_eq!((stats.floor, stats.last, stats.entries), (14, 15, 1));
 }
 
+/// The log is stored in records of many deltas (a commit's deltas of one
+/// origin, up to a few hundred): a reader may start anywhere in one, and
+/// truncation removes only records wholly below its point.
+#[test]
+fn a_truncation_point_inside_a_record_keeps_the_record_and_readers_start_anywhere() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_, clock) = manual_clock();
+    let store = open_as(dir.path(), 1, StoreOptions::default());
+    declare_all(&store, &clock);
+    // One batch of 600: records of 256, 256 and 88 deltas.
+    let deltas: Vec<Delta> = (1..=600).map(peer_counter).collect();
+    store.apply_remote(&deltas, clock.last()).expect("apply");
+    drop(store);
+    // Reopened, so reads come from sled and not from memory.
+    let store = open_as(dir.path(), 1, StoreOptions::default());
+    let seqs = |from, count| -> Vec<u64> {
+        store
+            .log_from(PEER, from, count, usize::MAX)
+            .expect("log")
+            .iter()
+            .map(|d| d.seq)
+            .collect()
+    };
+    assert_eq!(seqs(300, 10), (300..310).collect::<Vec<_>>());
+    assert_eq!(
+        seqs(250, 10),
+        (250..260).collect::<Vec<_>>(),
+        "across records"
+    );
+    assert_eq!(seqs(1, usize::MAX), (1..=600).collect::<Vec<_>>());
+
+    let report = store.truncate_logs(&vv(&[(PEER, 300)])).expect("truncate");
+    assert_eq!(report.entries, 256, "only the first record is wholly below");
+    assert_eq!(store.log_floor(PEER).expect("floor"), 256);
+    assert!(matches!(
+        store.log_from(PEER, 100, 10, usize::MAX),
+        Err(StoreError::Truncated { floor: 256, .. })
+    ));
+    assert_eq!(seqs(257, 3), vec![257, 258, 259]);
+    let stats = store.log_stats().expect("stats")[&PEER];
+    assert_eq!((stats.floor, stats.last, stats.entries), (256, 600, 344));
+
+    store.truncate_logs(&vv(&[(PEER, 600)])).expect("truncate");
+    let stats = store.log_stats().expect("stats")[&PEER];
+    assert_eq!((stats.floor, stats.entries, stats.bytes), (600, 0, 0));
+    drop(store);
+    let store = open_as(dir.path(), 1, StoreOptions::default());
+    let stats = store.log_stats().expect("stats")[&PEER];
+    assert_eq!((stats.floor, stats.last, stats.entries), (600, 600, 0));
+}
+
 fn small_limits() -> Limits {
     Limits {
         max_key_bytes: 64,

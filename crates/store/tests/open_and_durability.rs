@@ -103,6 +103,30 @@ fn corrupted_records_are_refused() {
         Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect_err("refused");
     assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
 
+    // The log record of a declaration, damaged: five deltas announced and
+    // half a length there, none at all, a length past the end.
+    for bad in [
+        &[0u8, 0, 0, 5, 0, 0][..],
+        &[0, 0, 0, 0],
+        &[0, 0, 0, 1, 0, 0, 0, 9, 1],
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = Store::open(dir.path(), identity("east", 1), StoreOptions::default())
+                .expect("open");
+            store
+                .declare(&clock(), "hits", CrdtType::Counter)
+                .expect("declare");
+            store.flush().expect("flush");
+        }
+        let key = concord_store::layout::log_key(ReplicaId(1), 1);
+        tamper(dir.path(), "log", &key, bad);
+        let err = Store::open(dir.path(), identity("east", 1), StoreOptions::default())
+            .expect_err("refused");
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+        assert!(err.to_string().contains("log of replica 1"), "{err}");
+    }
+
     // Data without a format record is not silently adopted either.
     let dir = tempfile::tempdir().expect("tempdir");
     tamper(dir.path(), "values", b"x", b"y");

@@ -136,6 +136,27 @@ pub fn dump(store: &Store) -> Dump {
     }
 }
 
+/// Requires every origin's log to be whole: a contiguous run from its
+/// floor to the version vector's entry, each seq once, and its recorded
+/// size what is there.
+pub fn assert_logs_whole(store: &Store) {
+    for (origin, s) in store.log_stats().expect("stats") {
+        assert_eq!(s.last, store.applied(origin).expect("applied"));
+        assert_eq!(s.floor + s.entries, s.last, "origin {origin}: {s:?}");
+        let left = store
+            .log_from(origin, s.floor + 1, usize::MAX, usize::MAX)
+            .expect("log");
+        let seqs: Vec<u64> = left.iter().map(|d| d.seq).collect();
+        assert_eq!(
+            seqs,
+            (s.floor + 1..=s.last).collect::<Vec<_>>(),
+            "origin {origin}"
+        );
+        let bytes: u64 = left.iter().map(|d| d.encode().len() as u64).sum();
+        assert_eq!(s.bytes, bytes, "origin {origin}: recorded size");
+    }
+}
+
 /// Brings `to` up to date with `from`'s logs, from `to`'s version vector.
 pub fn tail(from: &Store, to: &Store, clock: &Clock) {
     for (origin, last) in from.version_vector().expect("vv").iter() {
