@@ -108,7 +108,7 @@ impl LogRuns {
         let fits = |run: &Open| {
             run.next() == seq
                 && (run.count as usize) < RUN_MAX_DELTAS
-                && (run.count == 0 || run.payload + bytes.len() <= self.max_bytes)
+                && run.payload + bytes.len() <= self.max_bytes
         };
         let mut run = match self.open.remove(&origin) {
             Some(run) if fits(&run) => run,
@@ -190,4 +190,65 @@ impl<'a> Run<'a> {
 fn split_u32(bytes: &[u8]) -> Option<(u32, &[u8])> {
     let (head, rest) = bytes.split_first_chunk::<LENGTH_BYTES>()?;
     Some((u32::from_be_bytes(*head), rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Logs `(origin, seq, size)` deltas in one commit and returns the
+    /// records written: (origin, first seq, seqs held).
+    fn commit(max_bytes: usize, deltas: &[(u32, u64, usize)]) -> Vec<(u32, u64, usize)> {
+        let db = sled::Config::new().temporary(true).open().expect("sled");
+        let tree = db.open_tree("log").expect("tree");
+        tree.transaction(|tx| {
+            let log = Rw::Tx(tx);
+            let mut runs = LogRuns::new(max_bytes);
+            for &(origin, seq, size) in deltas {
+                runs.push(&log, ReplicaId(origin), seq, &vec![7u8; size])?;
+            }
+            runs.finish(&log)
+        })
+        .expect("commit");
+        tree.iter()
+            .map(|item| {
+                let (k, v) = item.expect("record");
+                let origin = layout::parse_replica_key(&k[..4]).expect("origin");
+                let run = Run::parse(origin, &k, &v).expect("parse");
+                assert!(run.deltas.iter().all(|d| d.iter().all(|&b| b == 7)));
+                (origin.0, run.first, run.deltas.len())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn runs_close_at_their_byte_limit_and_a_larger_delta_stands_alone() {
+        let deltas: Vec<_> = (1..=7).map(|seq| (1, seq, 20 << 10)).collect();
+        assert_eq!(
+            commit(RUN_MAX_BYTES, &deltas),
+            vec![(1, 1, 3), (1, 4, 3), (1, 7, 1)]
+        );
+        assert_eq!(
+            commit(1000, &[(1, 1, 100), (1, 2, 5000), (1, 3, 100)]),
+            vec![(1, 1, 1), (1, 2, 1), (1, 3, 1)]
+        );
+    }
+
+    #[test]
+    fn runs_close_at_their_count_limit_at_a_gap_and_are_kept_per_origin() {
+        let mut deltas: Vec<_> = (1..=300).map(|seq| (1, seq, 10)).collect();
+        deltas.insert(10, (2, 40, 10));
+        deltas.push((2, 41, 10));
+        deltas.push((1, 305, 10));
+        assert_eq!(
+            commit(RUN_MAX_BYTES, &deltas),
+            vec![(1, 1, 256), (1, 257, 44), (1, 305, 1), (2, 40, 2)]
+        );
+    }
+
+    #[test]
+    fn a_small_cap_makes_small_records() {
+        assert_eq!(run_max_bytes(u64::MAX), RUN_MAX_BYTES);
+        assert_eq!(run_max_bytes(4096), 1024);
+    }
 }

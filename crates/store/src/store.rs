@@ -417,7 +417,7 @@ impl Store {
             else {
                 break;
             };
-            let origin = layout::parse_replica_key(&k[..4.min(k.len())])?;
+            let origin = layout::parse_replica_key(k.get(..4).unwrap_or(&k))?;
             let above = layout::log_key(origin, vv.get(origin).saturating_add(1));
             let mut dropped = 0usize;
             for key in self

@@ -92,6 +92,21 @@ fn an_unknown_format_version_is_refused() {
     );
 }
 
+/// An own counter delta with `seq`.
+fn store_delta(seq: u64) -> concord_core::Delta {
+    concord_core::Delta {
+        origin: ReplicaId(1),
+        seq,
+        hlc: Hlc::from_parts(common::T0, 0).expect("hlc"),
+        keyspace: "hits".into(),
+        key: "k".into(),
+        op: concord_core::Op::Counter(concord_core::crdt::CounterOp {
+            direction: concord_core::crdt::Direction::Increment,
+            total: seq,
+        }),
+    }
+}
+
 #[test]
 fn corrupted_records_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -126,6 +141,31 @@ fn corrupted_records_are_refused() {
         assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
         assert!(err.to_string().contains("log of replica 1"), "{err}");
     }
+
+    // A well-formed record holding another seq than its position says is
+    // refused when read, not served.
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store =
+            Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect("open");
+        store
+            .declare(&clock(), "hits", CrdtType::Counter)
+            .expect("declare");
+        store.flush().expect("flush");
+    }
+    let mut wrong = store_delta(5).encode();
+    let mut record = 1u32.to_be_bytes().to_vec();
+    record.extend_from_slice(&(wrong.len() as u32).to_be_bytes());
+    record.append(&mut wrong);
+    let key = concord_store::layout::log_key(ReplicaId(1), 1);
+    tamper(dir.path(), "log", &key, &record);
+    let store =
+        Store::open(dir.path(), identity("east", 1), StoreOptions::default()).expect("open");
+    let err = store
+        .log_from(ReplicaId(1), 1, 10, usize::MAX)
+        .expect_err("refused");
+    assert!(err.to_string().contains("where seq 1 belongs"), "{err}");
+    drop(store);
 
     // Data without a format record is not silently adopted either.
     let dir = tempfile::tempdir().expect("tempdir");
