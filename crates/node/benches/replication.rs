@@ -2,16 +2,21 @@
 //! 127.0.0.1 (real gRPC, real sled, group commit).
 //!
 //! 1. Lag: a steady 5,000 stream appends per second, spread over the three
-//!    regions, each region subscribed to every stream. For every entry, the
-//!    lag is the time from the origin's acknowledgement to its arrival at
-//!    each of the two other regions' subscribers; p50/p90/p99/max.
+//!    regions, each region subscribed to every stream. The paced writers
+//!    start at evenly spread phases of their interval, so the appends
+//!    arrive one at a time rather than all writers at once. For every
+//!    entry, the lag is the time from the origin's acknowledgement to its
+//!    arrival at each of the two other regions' subscribers;
+//!    p50/p90/p99/max. `--idle-subscribers N` adds N subscriptions per
+//!    region to streams nobody writes.
 //! 2. Backlog: region us-east stops pulling (its outbound links are cut)
 //!    while 100,000 counter increments are written in eu-west, in batches
 //!    of 100; then the cut heals, and the time until us-east has applied
 //!    everything is measured, split into reconnecting and catching up.
 //!
 //! `cargo bench -p concord-node --bench replication` (add `-- --rate N`,
-//! `--seconds S` or `--backlog N` to change the load). With
+//! `--seconds S`, `--backlog N` or `--idle-subscribers N` to change the
+//! load). With
 //! `-- --processes`, the lag part runs against three `concord-node`
 //! processes instead (release build), the load and the subscribers staying
 //! in the benchmark's process.
@@ -36,6 +41,7 @@ struct Args {
     rate: u64,
     seconds: u64,
     backlog: u64,
+    idle_subscribers: u64,
 }
 
 fn args() -> Args {
@@ -44,6 +50,7 @@ fn args() -> Args {
         rate: 5_000,
         seconds: 10,
         backlog: 100_000,
+        idle_subscribers: 0,
     };
     let argv: Vec<String> = std::env::args().collect();
     for pair in argv.windows(2) {
@@ -52,6 +59,7 @@ fn args() -> Args {
             ("--rate", Some(v)) => a.rate = v,
             ("--seconds", Some(v)) => a.seconds = v,
             ("--backlog", Some(v)) => a.backlog = v,
+            ("--idle-subscribers", Some(v)) => a.idle_subscribers = v,
             _ => {}
         }
     }
@@ -71,7 +79,8 @@ type Acked = Arc<Mutex<HashMap<(u64, u32), Instant>>>;
 /// Entry id, receiving replica, arrival time.
 type Arrivals = Arc<Mutex<Vec<((u64, u32), u32, Instant)>>>;
 
-async fn lag(regions: &[Region], rate: u64, seconds: u64) {
+async fn lag(regions: &[Region], args: &Args) {
+    let (rate, seconds) = (args.rate, args.seconds);
     for (name, ty) in [
         ("events", pb::CrdtType::Stream),
         ("hits", pb::CrdtType::Counter),
@@ -121,16 +130,40 @@ async fn lag(regions: &[Region], rate: u64, seconds: u64) {
         }
     }
 
+    // Subscriptions to streams no one writes: publishing an entry should
+    // cost nothing for them. Held open until the end.
+    let mut idle = Vec::new();
+    for region in regions {
+        for k in 0..args.idle_subscribers {
+            let live = region
+                .client
+                .clone()
+                .stream_subscribe(pb::StreamSubscribeRequest {
+                    keyspace: "events".into(),
+                    key: format!("idle{k}"),
+                    after: None,
+                })
+                .await
+                .expect("subscribe")
+                .into_inner();
+            idle.push(live);
+        }
+    }
+
     let per_writer = rate as f64 / (regions.len() * WRITERS_PER_REGION) as f64;
     let interval = Duration::from_secs_f64(1.0 / per_writer);
     let until = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
-    for region in regions {
+    let writers = (regions.len() * WRITERS_PER_REGION) as u32;
+    let start = tokio::time::Instant::now();
+    for (r, region) in regions.iter().enumerate() {
         for w in 0..WRITERS_PER_REGION {
             let mut client = region.client.clone();
             let acked = acked.clone();
+            // Writer i of n starts i/n of an interval in.
+            let phase = interval * (w * regions.len() + r) as u32 / writers;
             tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(interval);
+                let mut tick = tokio::time::interval_at(start + phase, interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 let mut n = 0usize;
                 while Instant::now() < until {
@@ -256,7 +289,7 @@ fn main() {
         let dir = tempfile::tempdir().expect("tempdir");
         if args.processes {
             let (regions, mut children) = processes(dir.path()).await;
-            lag(&regions, args.rate, args.seconds).await;
+            lag(&regions, &args).await;
             for child in &mut children {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -265,7 +298,7 @@ fn main() {
         }
         let cut = Arc::new(AtomicBool::new(false));
         let regions = cluster(dir.path(), cut.clone()).await;
-        lag(&regions, args.rate, args.seconds).await;
+        lag(&regions, &args).await;
         backlog(&regions, &cut, args.backlog).await;
     });
 }
