@@ -51,6 +51,14 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Frames queued towards one peer.
 pub const SUBSCRIBER_QUEUE_FRAMES: usize = 64;
 
+/// Least time between two acknowledgements on one link. Acks let the peer
+/// truncate its logs (every `TRUNCATE_EVERY`) and skip what this node has
+/// when it sends again; its provider sends on without them. Each costs a
+/// journal flush here and a frame and a store write at the peer, so one
+/// per applied batch cost about as much as the batches under a steady load
+/// (docs/BENCHMARKS.md).
+pub const ACK_INTERVAL: Duration = Duration::from_millis(20);
+
 /// Starts one link per configured peer; they stop when `stop` turns true.
 pub(crate) fn spawn_links(
     engine: &Engine,
@@ -390,14 +398,17 @@ type Flushing = Pin<Box<dyn Future<Output = Result<VersionVector, String>> + Sen
 /// put a disk flush between every two batches: replication lag would be
 /// queueing behind flushes. So batches are applied as they come, and at
 /// most one flush per link is under way: when it ends, the vector read
-/// before it began is acknowledged, and the newest vector that became due
-/// meanwhile starts the next one.
+/// before it began is acknowledged. The newest vector that became due
+/// meanwhile starts the next flush, at the earliest [`ACK_INTERVAL`] after
+/// the last ack, so acks do not multiply with the batches.
 struct Acks {
     store: Arc<Store>,
     /// The vector of the last ack sent.
     sent: VersionVector,
+    /// When the last ack was sent.
+    sent_at: Option<tokio::time::Instant>,
     flushing: Option<Flushing>,
-    /// The newest vector due for an ack while a flush was under way.
+    /// The newest vector due for an ack and not being flushed yet.
     waiting: Option<VersionVector>,
 }
 
@@ -406,6 +417,7 @@ impl Acks {
         Acks {
             store,
             sent: VersionVector::new(),
+            sent_at: None,
             flushing: None,
             waiting: None,
         }
@@ -414,29 +426,32 @@ impl Acks {
     /// Asks for `applied` (read from the store) to be acknowledged once
     /// durable.
     fn due(&mut self, applied: VersionVector) {
-        if applied == self.sent {
-            return;
-        }
-        if self.flushing.is_some() {
-            self.waiting = Some(applied);
-        } else {
-            self.start(applied);
-        }
+        self.waiting = (applied != self.sent).then_some(applied);
     }
 
-    fn start(&mut self, applied: VersionVector) {
-        let store = self.store.clone();
-        self.flushing = Some(Box::pin(async move {
-            // Everything committed before this call is durable after it,
-            // and `applied` was read before it.
-            store.sync().await.map_err(|e| e.to_string())?;
-            Ok(applied)
-        }));
-    }
-
-    /// Waits for the flush under way (forever when there is none) and
-    /// returns the vector to acknowledge.
+    /// Waits for the flush under way, or for [`ACK_INTERVAL`] to pass
+    /// since the last ack and then for the flush of the vector due (forever
+    /// when none is), and returns the vector to acknowledge. Cancel-safe:
+    /// the flush under way and the vector due outlive a dropped call.
     async fn flushed(&mut self) -> Result<VersionVector, String> {
+        if self.flushing.is_none() {
+            if self.waiting.is_none() {
+                return std::future::pending().await;
+            }
+            if let Some(at) = self.sent_at {
+                tokio::time::sleep_until(at + ACK_INTERVAL).await;
+            }
+            let Some(applied) = self.waiting.take() else {
+                return std::future::pending().await;
+            };
+            let store = self.store.clone();
+            self.flushing = Some(Box::pin(async move {
+                // Everything committed before this call is durable after
+                // it, and `applied` was read before it.
+                store.sync().await.map_err(|e| e.to_string())?;
+                Ok(applied)
+            }));
+        }
         let Some(flushing) = self.flushing.as_mut() else {
             return std::future::pending().await;
         };
@@ -444,10 +459,9 @@ impl Acks {
         self.flushing = None;
         let applied = result?;
         self.sent = applied.clone();
-        if let Some(next) = self.waiting.take() {
-            if next != self.sent {
-                self.start(next);
-            }
+        self.sent_at = Some(tokio::time::Instant::now());
+        if self.waiting.as_ref() == Some(&self.sent) {
+            self.waiting = None;
         }
         Ok(applied)
     }

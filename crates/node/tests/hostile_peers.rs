@@ -23,9 +23,12 @@ fn hlc_at(offset_ms: i64) -> u64 {
 }
 
 /// Answers every subscription with a Welcome as eu-west (replica 2), then
-/// `frames`, then keeps the stream open.
+/// `frames` (`pace` apart), then keeps the stream open; reports each ack's
+/// seq of origin 2 to `acks`, when set.
 struct Fake {
     frames: Vec<pb::ProviderFrame>,
+    pace: Duration,
+    acks: Option<tokio::sync::mpsc::UnboundedSender<u64>>,
 }
 
 #[tonic::async_trait]
@@ -34,8 +37,19 @@ impl Replication for Fake {
 
     async fn subscribe(
         &self,
-        _request: Request<Streaming<pb::SubscriberFrame>>,
+        request: Request<Streaming<pb::SubscriberFrame>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        if let Some(acks) = self.acks.clone() {
+            let mut inbound = request.into_inner();
+            tokio::spawn(async move {
+                while let Ok(Some(frame)) = inbound.message().await {
+                    if let Some(pb::subscriber_frame::Body::Ack(ack)) = frame.body {
+                        let seq = ack.applied.and_then(|v| v.seqs.get(&2).copied());
+                        let _ = acks.send(seq.unwrap_or(0));
+                    }
+                }
+            });
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let welcome = pb::ProviderFrame {
             sender_hlc: hlc_at(0),
@@ -46,11 +60,14 @@ impl Replication for Fake {
                 applied: None,
             })),
         };
-        let frames = self.frames.clone();
+        let (frames, pace) = (self.frames.clone(), self.pace);
         tokio::spawn(async move {
             let _ = tx.send(Ok(welcome)).await;
             for f in frames {
                 let _ = tx.send(Ok(f)).await;
+                if !pace.is_zero() {
+                    tokio::time::sleep(pace).await;
+                }
             }
             // Hold the stream open; the node ends it.
             tx.closed().await;
@@ -61,15 +78,22 @@ impl Replication for Fake {
 
 /// Serves a [`Fake`] provider on 127.0.0.1; returns its address.
 async fn fake(frames: Vec<pb::ProviderFrame>) -> std::net::SocketAddr {
+    serve_fake(Fake {
+        frames,
+        pace: Duration::ZERO,
+        acks: None,
+    })
+    .await
+}
+
+async fn serve_fake(fake: Fake) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(
-                ReplicationServer::new(Fake { frames }).max_encoding_message_size(64 << 20),
-            )
+            .add_service(ReplicationServer::new(fake).max_encoding_message_size(64 << 20))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
     addr
@@ -228,6 +252,49 @@ async fn batches_arriving_together_are_all_applied_once() {
     assert_eq!(applied, 6 * per_frame);
     assert_eq!(peer.deltas_received, 6 * per_frame, "{peer:?}");
     assert_eq!(peer.refused_bad_batch + peer.refused_clock_drift, 0);
+}
+
+#[tokio::test]
+async fn a_link_acknowledges_a_steady_stream_of_batches_at_most_once_per_ack_interval() {
+    use concord_node::link::ACK_INTERVAL;
+    let n = 120u64;
+    let frames = (1..=n)
+        .map(|seq| batch(hlc_at(0), vec![declare(seq, &format!("k{seq}"))]))
+        .collect();
+    let (acks_tx, mut acks) = tokio::sync::mpsc::unbounded_channel();
+    let fake_addr = serve_fake(Fake {
+        frames,
+        pace: Duration::from_millis(2),
+        acks: Some(acks_tx),
+    })
+    .await;
+    let _node = common::start_with(&format!(
+        "[[peers]]\nregion = \"eu-west\"\nreplica_id = 2\nendpoint = \"http://{fake_addr}\""
+    ))
+    .await;
+    let mut count = 0u32;
+    let mut first = None;
+    let last = loop {
+        let seq = tokio::time::timeout(Duration::from_secs(10), acks.recv())
+            .await
+            .expect("acks keep coming")
+            .expect("the fake is up");
+        let now = std::time::Instant::now();
+        count += 1;
+        first.get_or_insert(now);
+        if seq == n {
+            break now;
+        }
+    };
+    // One batch about every 2 ms for a quarter of a second, and each is
+    // its own flush: an ack per batch would be about n acks.
+    let span = last - first.expect("an ack");
+    let most = (span.as_millis() / ACK_INTERVAL.as_millis()) as u32 + 2;
+    assert!(count <= most, "{count} acks in {span:?}; at most {most}");
+    assert!(
+        count >= 2,
+        "acks come while the batches do, not only at the end"
+    );
 }
 
 #[tokio::test]
