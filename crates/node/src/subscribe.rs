@@ -73,26 +73,26 @@ struct Listener {
 #[derive(Debug, Default)]
 struct Registry {
     next_id: u64,
-    /// Keyspace, then key.
+    /// Keyspace, then key; a stream with no subscriber has no entry.
     streams: HashMap<KeyspaceId, HashMap<String, Vec<Listener>>>,
-    count: usize,
 }
 
 impl Registry {
-    fn remove(&mut self, keyspace: &KeyspaceId, key: &str, id: u64) {
+    /// Keeps the listeners of one stream for which `keep` holds, and
+    /// forgets the stream when none is left.
+    fn retain(&mut self, keyspace: &KeyspaceId, key: &str, keep: impl FnMut(&Listener) -> bool) {
         let Some(keys) = self.streams.get_mut(keyspace) else {
             return;
         };
-        if let Some(listeners) = keys.get_mut(key) {
-            let before = listeners.len();
-            listeners.retain(|l| l.id != id);
-            self.count -= before - listeners.len();
-            if listeners.is_empty() {
-                keys.remove(key);
+        let Some(listeners) = keys.get_mut(key) else {
+            return;
+        };
+        listeners.retain(keep);
+        if listeners.is_empty() {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.streams.remove(keyspace);
             }
-        }
-        if keys.is_empty() {
-            self.streams.remove(keyspace);
         }
     }
 }
@@ -136,32 +136,17 @@ impl Subscriptions {
     /// Publishes a durable entry to the subscribers of its stream. A
     /// subscriber whose queue is full is dropped and told so.
     pub fn publish(&self, appended: Appended) {
-        let mut registry = lock(&self.registry);
-        let Some(keys) = registry.streams.get_mut(&appended.keyspace) else {
-            return;
-        };
-        let Some(listeners) = keys.get_mut(&appended.key) else {
-            return;
-        };
         let appended = Arc::new(appended);
-        let before = listeners.len();
-        listeners.retain(|l| match l.tx.try_send(appended.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                l.lagged.store(true, Ordering::Release);
-                false
+        lock(&self.registry).retain(&appended.keyspace, &appended.key, |l| {
+            match l.tx.try_send(appended.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    l.lagged.store(true, Ordering::Release);
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
         });
-        let removed = before - listeners.len();
-        if listeners.is_empty() {
-            let (keyspace, key) = (appended.keyspace.clone(), appended.key.clone());
-            keys.remove(&key);
-            if keys.is_empty() {
-                registry.streams.remove(&keyspace);
-            }
-        }
-        registry.count -= removed;
     }
 
     /// Ends every subscription, current and future, with UNAVAILABLE.
@@ -171,7 +156,12 @@ impl Subscriptions {
 
     /// Number of open subscriptions.
     pub fn count(&self) -> usize {
-        lock(&self.registry).count
+        lock(&self.registry)
+            .streams
+            .values()
+            .flat_map(HashMap::values)
+            .map(Vec::len)
+            .sum()
     }
 
     /// Subscribes to one stream: entries after `after` already there (none
@@ -202,7 +192,6 @@ impl Subscriptions {
                     tx,
                     lagged: lagged.clone(),
                 });
-            registry.count += 1;
             id
         };
         let registration = Registration {
@@ -213,7 +202,14 @@ impl Subscriptions {
         };
         let backlog = after.map(|after| {
             let (out, backlog) = mpsc::channel(SUBSCRIBER_QUEUE_ENTRIES);
-            tokio::spawn(read_backlog(store, keyspace, key, after, out));
+            tokio::spawn(read_backlog(
+                store,
+                keyspace,
+                key,
+                after,
+                BACKLOG_MAX_ENTRIES,
+                out,
+            ));
             backlog
         });
         let mut closed = self.closed.subscribe();
@@ -244,7 +240,7 @@ struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(registry) = self.registry.upgrade() {
-            lock(&registry).remove(&self.keyspace, &self.key, self.id);
+            lock(&registry).retain(&self.keyspace, &self.key, |l| l.id != self.id);
         }
     }
 }
@@ -256,12 +252,14 @@ enum Backlog {
 }
 
 /// Reads the entries after `after` in pages into `out`; ends (dropping
-/// `out`) when they are all sent, or with an error item.
+/// `out`) when they are all sent, or with an error item, RESOURCE_EXHAUSTED
+/// when there are more than `most`.
 async fn read_backlog(
     store: Arc<Store>,
     keyspace: KeyspaceId,
     key: String,
     after: StreamId,
+    most: usize,
     out: mpsc::Sender<Backlog>,
 ) {
     let mut from = successor(after);
@@ -289,10 +287,10 @@ async fn read_backlog(
         };
         let full = page.len() == BACKLOG_PAGE_ENTRIES;
         for entry in page {
-            if sent == BACKLOG_MAX_ENTRIES {
+            if sent == most {
                 let _ = out
                     .send(Backlog::Failed(Status::resource_exhausted(format!(
-                        "the backlog holds more than {BACKLOG_MAX_ENTRIES} entries; read it with StreamRange, then subscribe after its last id"
+                        "the backlog holds more than {most} entries; read it with StreamRange, then subscribe after its last id"
                     ))))
                     .await;
                 return;
@@ -460,6 +458,71 @@ mod tests {
         subs.publish(appended("b", 3));
         let got = b.next().await.expect("an item").expect("an entry");
         assert_eq!(got.id.map(|id| id.hlc), Some(3 << 16));
+    }
+
+    #[tokio::test]
+    async fn a_backlog_longer_than_its_limit_ends_with_resource_exhausted() {
+        use crate::command::{ClientOp, OpKind};
+        use concord_core::clock::{ManualTime, HLC_EPOCH_UNIX_MS};
+        use concord_core::crdt::Field;
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(dir.path());
+        let clock =
+            concord_core::Clock::new(ManualTime::new(HLC_EPOCH_UNIX_MS + 5_000_000), 0, Hlc::ZERO)
+                .expect("clock");
+        let engine = crate::engine::Engine::new(store.clone(), Arc::new(clock));
+        engine
+            .create_keyspace("events".into(), CrdtType::Stream)
+            .await
+            .expect("create");
+        for n in 0..5u8 {
+            engine
+                .run(vec![ClientOp {
+                    keyspace: "events".into(),
+                    key: "a".into(),
+                    kind: OpKind::StreamAppend(vec![Field {
+                        name: "n".into(),
+                        value: vec![n],
+                    }]),
+                }])
+                .await
+                .expect("append");
+        }
+        let read = |most: usize| {
+            let (out, mut backlog) = mpsc::channel(SUBSCRIBER_QUEUE_ENTRIES);
+            let reader = read_backlog(
+                store.clone(),
+                events(),
+                "a".into(),
+                StreamId::MIN,
+                most,
+                out,
+            );
+            async move {
+                reader.await;
+                let mut got = Vec::new();
+                while let Some(item) = backlog.recv().await {
+                    got.push(item);
+                }
+                got
+            }
+        };
+        let all = read(5).await;
+        assert_eq!(all.len(), 5);
+        assert!(all.iter().all(|b| matches!(b, Backlog::Entry(_))));
+        let cut = read(3).await;
+        assert_eq!(cut.len(), 4);
+        assert!(cut[..3].iter().all(|b| matches!(b, Backlog::Entry(_))));
+        let Backlog::Failed(status) = &cut[3] else {
+            panic!("the fourth item is the refusal");
+        };
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("StreamRange"),
+            "{}",
+            status.message()
+        );
     }
 
     #[tokio::test]
