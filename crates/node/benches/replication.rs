@@ -4,10 +4,17 @@
 //! 1. Lag: a steady 5,000 stream appends per second, spread over the three
 //!    regions, each region subscribed to every stream. The paced writers
 //!    start at evenly spread phases of their interval, so the appends
-//!    arrive one at a time rather than all writers at once. For every
-//!    entry, the lag is the time from the origin's acknowledgement to its
-//!    arrival at each of the two other regions' subscribers;
-//!    p50/p90/p99/max. `--idle-subscribers N` adds N subscriptions per
+//!    arrive one at a time rather than all writers at once. The load runs
+//!    for a warm-up first (`--warmup S`, 2 s unless told), whose appends
+//!    are not measured: a fresh cluster's first half second (new trees,
+//!    memory not yet mapped, connections' windows) is slower than its
+//!    steady state, and the target is a steady load. For every entry
+//!    appended after the warm-up, the lag is the time from the origin's
+//!    acknowledgement to its arrival at each of the two other regions'
+//!    subscribers; p50/p90/p99/max. `--lag-dump FILE` writes every
+//!    measured arrival to FILE (microseconds from the first measured
+//!    acknowledgement, lag in microseconds, origin and receiving replica
+//!    ids), to see when the slow ones came. `--idle-subscribers N` adds N subscriptions per
 //!    region to streams nobody writes; `--repeat N` runs this part N times
 //!    against the same regions and sums up the p99s.
 //! 2. Backlog: region us-east stops pulling (its outbound links are cut)
@@ -16,8 +23,8 @@
 //!    everything is measured, split into reconnecting and catching up.
 //!
 //! `cargo bench -p concord-node --bench replication` (add `-- --rate N`,
-//! `--seconds S`, `--backlog N`, `--idle-subscribers N` or `--repeat N`
-//! to change the load). With
+//! `--seconds S`, `--warmup S`, `--backlog N`, `--idle-subscribers N` or
+//! `--repeat N` to change the load). With
 //! `-- --processes`, the lag part runs against three `concord-node`
 //! processes instead (release build), the load and the subscribers staying
 //! in the benchmark's process.
@@ -41,9 +48,11 @@ struct Args {
     processes: bool,
     rate: u64,
     seconds: u64,
+    warmup: u64,
     backlog: u64,
     idle_subscribers: u64,
     repeat: u64,
+    lag_dump: Option<String>,
 }
 
 fn args() -> Args {
@@ -51,16 +60,22 @@ fn args() -> Args {
         processes: std::env::args().any(|a| a == "--processes"),
         rate: 5_000,
         seconds: 10,
+        warmup: 2,
         backlog: 100_000,
         idle_subscribers: 0,
         repeat: 1,
+        lag_dump: None,
     };
     let argv: Vec<String> = std::env::args().collect();
     for pair in argv.windows(2) {
+        if pair[0] == "--lag-dump" {
+            a.lag_dump = Some(pair[1].clone());
+        }
         let value = pair[1].parse().ok();
         match (pair[0].as_str(), value) {
             ("--rate", Some(v)) => a.rate = v,
             ("--seconds", Some(v)) => a.seconds = v,
+            ("--warmup", Some(v)) => a.warmup = v,
             ("--backlog", Some(v)) => a.backlog = v,
             ("--idle-subscribers", Some(v)) => a.idle_subscribers = v,
             ("--repeat", Some(v)) => a.repeat = v,
@@ -158,7 +173,8 @@ async fn lag(regions: &[Region], args: &Args) -> f64 {
 
     let per_writer = rate as f64 / (regions.len() * WRITERS_PER_REGION) as f64;
     let interval = Duration::from_secs_f64(1.0 / per_writer);
-    let until = Instant::now() + Duration::from_secs(seconds);
+    let measured_from = Instant::now() + Duration::from_secs(args.warmup);
+    let until = measured_from + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     let writers = (regions.len() * WRITERS_PER_REGION) as u32;
     let start = tokio::time::Instant::now();
@@ -171,10 +187,11 @@ async fn lag(regions: &[Region], args: &Args) -> f64 {
             tasks.push(tokio::spawn(async move {
                 let mut tick = tokio::time::interval_at(start + phase, interval);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                let mut n = 0usize;
+                let (mut n, mut measured) = (0usize, 0usize);
                 while Instant::now() < until {
                     tick.tick().await;
                     n += 1;
+                    let sent = Instant::now();
                     let r = client
                         .stream_append(pb::StreamAppendRequest {
                             keyspace: "events".into(),
@@ -188,12 +205,15 @@ async fn lag(regions: &[Region], args: &Args) -> f64 {
                         .expect("append")
                         .into_inner();
                     let id = r.id.expect("id");
-                    acked
-                        .lock()
-                        .expect("lock")
-                        .insert((id.hlc, id.replica), Instant::now());
+                    if sent >= measured_from {
+                        measured += 1;
+                        acked
+                            .lock()
+                            .expect("lock")
+                            .insert((id.hlc, id.replica), Instant::now());
+                    }
                 }
-                n
+                measured
             }));
         }
     }
@@ -210,10 +230,14 @@ async fn lag(regions: &[Region], args: &Args) -> f64 {
         .iter()
         .filter_map(|(id, _, at)| acked.get(id).map(|a| at.saturating_duration_since(*a)))
         .collect();
+    if let Some(path) = &args.lag_dump {
+        dump(path, &acked, &arrivals);
+    }
     lags.sort();
     let expected = written * (regions.len() - 1);
     println!(
-        "lag: {written} appends in {seconds} s ({:.0}/s offered {rate}/s), {} of {expected} remote arrivals measured",
+        "lag: {written} appends in {seconds} s after a {} s warm-up ({:.0}/s offered {rate}/s), {} of {expected} remote arrivals measured",
+        args.warmup,
         written as f64 / seconds as f64,
         lags.len()
     );
@@ -229,6 +253,30 @@ async fn lag(regions: &[Region], args: &Args) -> f64 {
         s.abort();
     }
     percentile(&lags, 0.99)
+}
+
+/// Writes every measured arrival to `path`, one line each: when its
+/// append was acknowledged (µs after the first measured one), its lag
+/// (µs), its origin and the replica it arrived at.
+fn dump(path: &str, acked: &HashMap<(u64, u32), Instant>, arrivals: &[((u64, u32), u32, Instant)]) {
+    use std::io::Write;
+    let Some(first) = acked.values().min().copied() else {
+        return;
+    };
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).expect("create the dump"));
+    for (id, at_replica, at) in arrivals {
+        if let Some(acked_at) = acked.get(id) {
+            writeln!(
+                out,
+                "{} {} {} {at_replica}",
+                acked_at.duration_since(first).as_micros(),
+                at.saturating_duration_since(*acked_at).as_micros(),
+                id.1
+            )
+            .expect("write the dump");
+        }
+    }
+    out.flush().expect("write the dump");
 }
 
 /// Runs the lag part `args.repeat` times and sums up the p99s.
