@@ -14,8 +14,8 @@
 //!    subscribers; p50/p90/p99/max. `--lag-dump FILE` writes every
 //!    measured arrival to FILE (microseconds from the first measured
 //!    acknowledgement, lag in microseconds, origin and receiving replica
-//!    ids), to see when the slow ones came. `--idle-subscribers N` adds N subscriptions per
-//!    region to streams nobody writes; `--repeat N` runs this part N times
+//!    ids), to see when the slow ones came. `--idle-subscribers N` adds
+//!    N subscriptions per region to streams nobody writes; `--repeat N` runs this part N times
 //!    against the same regions and sums up the p99s.
 //! 2. Backlog: region us-east stops pulling (its outbound links are cut)
 //!    while 100,000 counter increments are written in eu-west, in batches
