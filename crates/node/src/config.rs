@@ -164,8 +164,10 @@ pub struct StorageConfig {
     pub cache_capacity_bytes: u64,
     /// Most bytes one origin's delta log may hold.
     pub max_log_bytes_per_origin: u64,
-    /// Size of a journal segment: when one is full, sled is flushed and the
-    /// full segments are deleted.
+    /// Largest size of a journal segment (they start at 64 KiB and double):
+    /// segments are zero-filled when made, and when one is full, sled is
+    /// flushed and the full segments are deleted. The journal takes up to
+    /// about three times this on disk.
     pub journal_segment_bytes: u64,
 }
 

@@ -21,7 +21,9 @@
 //! Waiting runs on whatever tokio runtime the caller uses, the
 //! simulator's included; a waiter's write runs where the store's
 //! [`Offload`] says. When a write fills a journal segment, whoever made it
-//! also starts a checkpoint (a sled flush, detached from every waiter).
+//! also starts a checkpoint (a sled flush, detached from every waiter);
+//! when it takes a segment past half its size, the preparation of the
+//! next segment (detached too).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -127,6 +129,15 @@ impl GroupCommit {
         if let Some(checkpoint) = written.checkpoint {
             let db = db.clone();
             offload.detach(move || checkpoint.run(&db));
+        }
+        if let Some(prepare) = written.prepare {
+            // Holding sled keeps the directory locked while a file is
+            // being written in it (a dropped journal waits for it too).
+            let db = db.clone();
+            offload.detach(move || {
+                prepare.run();
+                drop(db);
+            });
         }
     }
 

@@ -42,22 +42,42 @@
 //! little-endian format version. Then frames: a 4-byte magic, a 4-byte
 //! little-endian payload length, a 4-byte CRC-32 of the frame's offset in
 //! the segment (8 bytes), the length and the payload, and the payload:
-//! deltas, each a 4-byte length and the delta's encoding. A frame
-//! is written with one `write` and followed by `fdatasync` before the next
-//! is written, so a crash can tear only the last frame of the newest
-//! segment. A bad frame there with nothing valid after it is that torn
-//! write: it is cut off, with a warning. A bad frame anywhere else, or one
-//! followed by a valid frame, is corruption of data that was durable: the
-//! store refuses to open and says where.
+//! deltas, each a 4-byte length and the delta's encoding. After the last
+//! frame come zeros (see "Prepared segments"), which end the segment. A
+//! frame is written with one `write` and followed by `fdatasync` before
+//! the next is written, so a crash can tear only the last frame written:
+//! a bad frame with nothing valid after it in its segment, and no frame
+//! in any newer segment, is that torn write: it is cut off, with a
+//! warning. Any other bad frame is corruption of data that was durable:
+//! the store refuses to open and says where. (A durable tail that the disk
+//! turned into zeros reads as the end; a zeroed range with frames after
+//! it is corruption.) Format version 1 had no zero tails; this build reads
+//! both.
 //!
-//! **Checkpoints.** When the active segment reaches
-//! [`crate::StoreOptions::journal_segment_bytes`], the leader starts a
-//! new one, then (off the write path, one at a time) flushes sled and
-//! deletes the segments before the one just filled. The checkpoint
-//! starts after the write that filled the segment has written to sled
-//! every queued commit it made durable, and every commit before them (in
-//! order, module `pipeline`); every commit with a frame in an older
-//! segment is among them. The segment just filled stays all the same.
+//! **Prepared segments.** A segment is created at its full size, zeros
+//! after the header, and synced with its directory before its first frame
+//! is written. `fdatasync` of a frame that overwrites zeros in place then
+//! writes the frame's blocks and nothing else; on a file that grows, every
+//! sync also commits the file's new size to the file system's own journal,
+//! which made the write path's syncs slower and their tail longer
+//! (docs/BENCHMARKS.md). The first segment is [`FIRST_SEGMENT_BYTES`] and
+//! made when the journal starts; each next one is twice the size of the
+//! one before, up to [`crate::StoreOptions::journal_segment_bytes`], so a
+//! store that writes little writes few zeros. The next segment is made off
+//! the write path: the write that takes the active segment past half its
+//! size starts it. A frame that does not fit what is left of the active
+//! segment goes to the next one; should that not be ready yet, the active
+//! segment grows until it is.
+//!
+//! **Checkpoints.** When the journal moves to the next segment, the
+//! leader (off the write path, one at a time) flushes sled and deletes the
+//! segments before the one just filled. The checkpoint starts after the
+//! write that filled the segment has written to sled every queued commit
+//! it made durable, and every commit before them (in order, module
+//! `pipeline`); every commit with a frame in an older segment is among
+//! them. The segment just filled stays all the same. So the journal holds
+//! at most the segment just filled, the active one and the next, prepared
+//! one, and one more while a checkpoint runs.
 //!
 //! **Memory.** A local write's deltas wait in memory only until its own
 //! write; a peer batch's until the next write. Past [`MAX_PENDING_BYTES`]
@@ -71,10 +91,11 @@
 //! dirty pages it could not write).
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use concord_core::{Delta, Limits};
 
@@ -83,7 +104,8 @@ use crate::error::{Result, StoreError};
 /// The journal's directory inside a store's data directory.
 pub const DIR: &str = "journal";
 const MAGIC: &[u8; 8] = b"concordJ";
-const VERSION: u32 = 1;
+/// The format version written; 1 (segments without a zero tail) is read too.
+const VERSION: u32 = 2;
 const SEGMENT_HEADER_BYTES: usize = 12;
 const FRAME_HEADER_BYTES: usize = 12;
 /// First bytes of every frame: lets a search for a valid frame after a bad
@@ -100,6 +122,16 @@ pub(crate) const MAX_FRAME_BYTES: usize = 2 * concord_core::limits::LIMIT_CEILIN
 pub const MAX_PENDING_BYTES: usize = 16 << 20;
 /// Smallest segment size the options accept.
 pub const MIN_SEGMENT_BYTES: u64 = 4096;
+/// Size of the segment a journal starts with (at most the configured
+/// segment size); each next one is twice as large, up to the configured
+/// size.
+pub const FIRST_SEGMENT_BYTES: u64 = 64 << 10;
+/// Zeros written at a time when a segment is prepared.
+const ZERO_CHUNK_BYTES: usize = 64 << 10;
+/// Longest a dropped journal waits for the preparation of its next
+/// segment, so that no file is being written in the directory after the
+/// store that owns it is gone.
+const PREPARE_DRAIN: Duration = Duration::from_secs(30);
 
 /// Deltas handed over by the writer, not yet written.
 #[derive(Default)]
@@ -114,7 +146,29 @@ struct Pending {
 struct Active {
     file: File,
     index: u64,
+    /// Bytes written: where the next frame goes.
     len: u64,
+    /// The size it was prepared at: zeros from `len` to here.
+    capacity: u64,
+    /// Once `len` reaches this, the next segment is to be prepared.
+    prepare_at: u64,
+}
+
+/// The next segment, prepared off the write path.
+enum Spare {
+    /// None, and none being made.
+    Absent,
+    /// Being made by a [`Prepare`].
+    Preparing,
+    /// Made and synced: the write that fills the active segment moves here.
+    Ready(Active),
+}
+
+/// Where a [`Prepare`] leaves the segment it made.
+struct SpareSlot {
+    spare: Mutex<Spare>,
+    /// Notified when a preparation ends.
+    ended: Condvar,
 }
 
 /// The journal of one store (see the module docs).
@@ -123,6 +177,8 @@ pub(crate) struct Journal {
     segment_bytes: u64,
     pending: Mutex<Pending>,
     active: Mutex<Active>,
+    /// The next segment. Locked after `active` when both are.
+    next: Arc<SpareSlot>,
     /// Why the journal stopped, once it has.
     failed: Mutex<Option<String>>,
     /// Set while a checkpoint runs.
@@ -136,6 +192,43 @@ pub(crate) struct Written {
     /// Segments that a sled flush starting now makes redundant, when the
     /// write started a new segment.
     pub(crate) checkpoint: Option<Checkpoint>,
+    /// The next segment to make, when the write took the active one past
+    /// half its size.
+    pub(crate) prepare: Option<Prepare>,
+}
+
+/// The making of the next segment (see the module docs), to run off the
+/// write path. Dropped unrun, it gives the work back: a later write starts
+/// it again.
+pub(crate) struct Prepare {
+    dir: PathBuf,
+    index: u64,
+    capacity: u64,
+    slot: Arc<SpareSlot>,
+    made: Option<Result<Active>>,
+}
+
+impl Prepare {
+    /// Writes and syncs the segment. Blocks.
+    pub(crate) fn run(mut self) {
+        self.made = Some(prepare_segment(&self.dir, self.index, self.capacity));
+    }
+}
+
+impl Drop for Prepare {
+    fn drop(&mut self) {
+        let next = match self.made.take() {
+            Some(Ok(segment)) => Spare::Ready(segment),
+            Some(Err(e)) => {
+                // A later write tries again.
+                tracing::warn!(error = %e, "preparing the next journal segment failed");
+                Spare::Absent
+            }
+            None => Spare::Absent,
+        };
+        *Journal::lock(&self.slot.spare) = next;
+        self.slot.ended.notify_all();
+    }
 }
 
 /// Segments to delete once sled has been flushed.
@@ -230,10 +323,34 @@ fn frame_crc(at: usize, len: &[u8; 4], payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// Reads one segment's deltas. `last` says whether it is the newest
-/// segment, whose torn tail is cut off; returns the deltas and the length
-/// of its valid part.
-fn read_segment(path: &Path, last: bool, limits: &Limits) -> Result<(Vec<Delta>, u64)> {
+/// Where a segment's frames end with a bad one that may be a torn write.
+struct Torn {
+    at: usize,
+    dropped_bytes: usize,
+}
+
+/// What one segment holds: its deltas, and whether its frames end in a
+/// bad frame with nothing valid after it (see [`recover`]).
+struct Segment {
+    deltas: Vec<Delta>,
+    frames: usize,
+    torn: Option<Torn>,
+}
+
+/// Whether every byte of `bytes` is zero.
+fn zeros(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| b == 0)
+}
+
+/// Reads one segment's deltas. `newest` says whether it is the newest
+/// file, which may be a creation cut short (a header cut short, or zeros
+/// where the header was to be).
+fn read_segment(path: &Path, newest: bool, limits: &Limits) -> Result<Segment> {
+    let empty = Segment {
+        deltas: Vec::new(),
+        frames: 0,
+        torn: None,
+    };
     let mut bytes = Vec::new();
     File::open(path)
         .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -244,46 +361,52 @@ fn read_segment(path: &Path, last: bool, limits: &Limits) -> Result<(Vec<Delta>,
             path.display()
         ))
     };
+    // Only the creation of the newest segment can be cut short: a header
+    // cut short, or zeros where the header was to be, then zeros.
+    let header_part = &bytes[..bytes.len().min(SEGMENT_HEADER_BYTES)];
+    let mut header = MAGIC.to_vec();
+    header.extend_from_slice(&VERSION.to_le_bytes());
+    let unfinished = (zeros(header_part) || header.starts_with(header_part))
+        && zeros(&bytes[header_part.len()..]);
+    if newest && unfinished {
+        return Ok(empty);
+    }
     if bytes.len() < SEGMENT_HEADER_BYTES {
-        // Only the creation of the newest segment can be cut short.
-        let mut header = MAGIC.to_vec();
-        header.extend_from_slice(&VERSION.to_le_bytes());
-        if last && (bytes.iter().all(|&b| b == 0) || header.starts_with(&bytes)) {
-            return Ok((Vec::new(), 0));
-        }
         return Err(corrupt(0, "shorter than its header"));
     }
     if &bytes[..8] != MAGIC {
         return Err(corrupt(0, "not a journal segment"));
     }
     let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-    if version != VERSION {
+    if version != 1 && version != VERSION {
         return Err(corrupt(
             8,
-            &format!("format version {version}; this build reads {VERSION}"),
+            &format!("format version {version}; this build reads 1 and {VERSION}"),
         ));
     }
-    let mut deltas = Vec::new();
+    let mut segment = empty;
     let mut at = SEGMENT_HEADER_BYTES;
     while at < bytes.len() {
         match frame_at(&bytes, at) {
             Some((payload, end)) => {
-                decode_payload(payload, limits, &mut deltas).map_err(|e| corrupt(at, &e))?;
+                decode_payload(payload, limits, &mut segment.deltas)
+                    .map_err(|e| corrupt(at, &e))?;
+                segment.frames += 1;
                 at = end;
             }
-            None if last && !valid_frame_after(&bytes, at) => {
-                tracing::warn!(
-                    segment = %path.display(),
+            // The zeros a prepared segment was made with: the end.
+            None if zeros(&bytes[at..]) => break,
+            None if !valid_frame_after(&bytes, at) => {
+                segment.torn = Some(Torn {
                     at,
-                    dropped_bytes = bytes.len() - at,
-                    "the journal ends in a torn write; cutting it off"
-                );
-                return Ok((deltas, at as u64));
+                    dropped_bytes: bytes.len() - at,
+                });
+                break;
             }
             None => return Err(corrupt(at, "a frame fails its checksum")),
         }
     }
-    Ok((deltas, at as u64))
+    Ok(segment)
 }
 
 /// The payload of a valid frame at `at`, and where the frame ends.
@@ -335,21 +458,48 @@ fn decode_payload(
     Ok(())
 }
 
-fn create_segment(dir: &Path, index: u64) -> Result<File> {
+/// Makes segment `index`: its header, zeros up to `capacity` bytes, all
+/// synced, and its directory entry synced; positioned after the header.
+fn prepare_segment(dir: &Path, index: u64, capacity: u64) -> Result<Active> {
     let path = segment_path(dir, index);
     let mut file = OpenOptions::new()
         .create_new(true)
-        .append(true)
+        .write(true)
         .open(&path)
         .map_err(|e| io("creating", &path, e))?;
     let mut header = Vec::with_capacity(SEGMENT_HEADER_BYTES);
     header.extend_from_slice(MAGIC);
     header.extend_from_slice(&VERSION.to_le_bytes());
-    file.write_all(&header)
-        .and_then(|_| file.sync_all())
-        .map_err(|e| io("writing", &path, e))?;
-    sync_dir(dir)?;
-    Ok(file)
+    let zeros = vec![0u8; ZERO_CHUNK_BYTES];
+    let written = (|| {
+        file.write_all(&header)?;
+        let mut left = capacity.saturating_sub(SEGMENT_HEADER_BYTES as u64);
+        while left > 0 {
+            let n = left.min(ZERO_CHUNK_BYTES as u64) as usize;
+            file.write_all(&zeros[..n])?;
+            left -= n as u64;
+        }
+        file.sync_all()?;
+        file.seek(SeekFrom::Start(SEGMENT_HEADER_BYTES as u64))
+    })();
+    if let Err(e) = written
+        .map_err(|e| io("writing", &path, e))
+        .and_then(|_| sync_dir(dir))
+    {
+        // A partly made file would only be read as an unfinished
+        // creation; removing the file made here keeps the directory tidy.
+        drop(file);
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    let capacity = capacity.max(SEGMENT_HEADER_BYTES as u64);
+    Ok(Active {
+        file,
+        index,
+        len: SEGMENT_HEADER_BYTES as u64,
+        capacity,
+        prepare_at: capacity / 2,
+    })
 }
 
 /// What the journal left behind: the deltas to replay, in order.
@@ -360,6 +510,11 @@ pub(crate) struct Recovered {
 
 /// Reads every segment under `data_dir`, cutting off a torn tail.
 ///
+/// A bad frame with nothing valid after it is a torn write only in the
+/// newest segment that holds frames: a newer one (the prepared next
+/// segment, or one the journal moved to) must hold none, for no frame is
+/// written before the one before it is synced.
+///
 /// The deltas are decoded under the widest limits there are, not the
 /// configured ones: they were accepted and acknowledged under the limits
 /// of their day, and lowering a limit since must not make the directory
@@ -367,12 +522,34 @@ pub(crate) struct Recovered {
 pub(crate) fn recover(data_dir: &Path) -> Result<Recovered> {
     let dir = data_dir.join(DIR);
     let found = segments(&dir)?;
-    let mut deltas = Vec::new();
     let count = found.len();
     let limits = widest_limits();
+    let mut read = Vec::with_capacity(count);
     for (n, (_, path)) in found.iter().enumerate() {
-        let (mut d, _) = read_segment(path, n + 1 == count, &limits)?;
-        deltas.append(&mut d);
+        read.push(read_segment(path, n + 1 == count, &limits)?);
+    }
+    let mut deltas = Vec::new();
+    let mut frames_after = 0;
+    for (n, segment) in read.iter().enumerate().rev() {
+        if let Some(torn) = &segment.torn {
+            let path = found[n].1.display();
+            if frames_after > 0 {
+                return Err(StoreError::Corrupt(format!(
+                    "journal segment {path} at byte {}: a frame fails its checksum, and a newer segment holds frames",
+                    torn.at
+                )));
+            }
+            tracing::warn!(
+                segment = %path,
+                at = torn.at,
+                dropped_bytes = torn.dropped_bytes,
+                "the journal ends in a torn write; cutting it off"
+            );
+        }
+        frames_after += segment.frames;
+    }
+    for segment in read {
+        deltas.extend(segment.deltas);
     }
     let next_index = found.last().map_or(0, |(i, _)| i + 1);
     Ok(Recovered { deltas, next_index })
@@ -407,16 +584,19 @@ impl Journal {
         let dir = data_dir.join(DIR);
         std::fs::create_dir_all(&dir).map_err(|e| io("creating", &dir, e))?;
         remove_segments_before(&dir, recovered.next_index)?;
-        let index = recovered.next_index;
-        let file = create_segment(&dir, index)?;
+        let active = prepare_segment(
+            &dir,
+            recovered.next_index,
+            FIRST_SEGMENT_BYTES.min(segment_bytes),
+        )?;
         Ok(Journal {
             dir,
             segment_bytes,
             pending: Mutex::new(Pending::default()),
-            active: Mutex::new(Active {
-                file,
-                index,
-                len: SEGMENT_HEADER_BYTES as u64,
+            active: Mutex::new(active),
+            next: Arc::new(SpareSlot {
+                spare: Mutex::new(Spare::Absent),
+                ended: Condvar::new(),
             }),
             failed: Mutex::new(None),
             checkpointing: Arc::new(AtomicBool::new(false)),
@@ -488,48 +668,88 @@ impl Journal {
             let mut p = Self::lock(&self.pending);
             (std::mem::take(&mut p.bytes), p.through)
         };
-        if let Err(e) = self.write_frames(&mut active, &bytes) {
-            self.stop(e.to_string());
-            return Err(e);
-        }
-        let mut checkpoint = None;
-        if active.len >= self.segment_bytes {
-            let index = active.index + 1;
-            match create_segment(&self.dir, index) {
-                Ok(file) => {
-                    *active = Active {
-                        file,
-                        index,
-                        len: SEGMENT_HEADER_BYTES as u64,
-                    };
-                    if !self.checkpointing.swap(true, Ordering::SeqCst) {
-                        checkpoint = Some(Checkpoint {
-                            dir: self.dir.clone(),
-                            // The segment just filled stays (see the
-                            // module docs).
-                            before: index - 1,
-                            running: self.checkpointing.clone(),
-                        });
-                    }
-                }
-                // The full segment goes on growing; a later write retries.
-                Err(e) => tracing::warn!(error = %e, "starting a journal segment failed"),
+        let moved = match self.write_frames(&mut active, &bytes) {
+            Ok(moved) => moved,
+            Err(e) => {
+                self.stop(e.to_string());
+                return Err(e);
             }
+        };
+        let mut checkpoint = None;
+        if moved && !self.checkpointing.swap(true, Ordering::SeqCst) {
+            checkpoint = Some(Checkpoint {
+                dir: self.dir.clone(),
+                // The segment just filled stays (see the module docs).
+                before: active.index - 1,
+                running: self.checkpointing.clone(),
+            });
+        }
+        let mut prepare = None;
+        let mut spare = Self::lock(&self.next.spare);
+        if active.len >= active.prepare_at && matches!(*spare, Spare::Absent) {
+            *spare = Spare::Preparing;
+            // Should this one fail, the next try comes half a segment on.
+            active.prepare_at = active.len + active.capacity / 2;
+            prepare = Some(Prepare {
+                dir: self.dir.clone(),
+                index: active.index + 1,
+                capacity: active.capacity.saturating_mul(2).min(self.segment_bytes),
+                slot: self.next.clone(),
+                made: None,
+            });
         }
         Ok(Written {
             through,
             checkpoint,
+            prepare,
         })
+    }
+
+    /// Waits, for at most [`PREPARE_DRAIN`], until no preparation runs.
+    fn drain_preparation(&self) {
+        let spare = Self::lock(&self.next.spare);
+        let waited = self
+            .next
+            .ended
+            .wait_timeout_while(spare, PREPARE_DRAIN, |s| matches!(s, Spare::Preparing));
+        if waited.is_ok_and(|(_, timeout)| timeout.timed_out()) {
+            tracing::warn!("the journal closed while its next segment was still being prepared");
+        }
+    }
+
+    /// Moves to the next segment if it is ready; says whether it did.
+    fn move_to_next(&self, active: &mut Active) -> bool {
+        let mut spare = Self::lock(&self.next.spare);
+        match std::mem::replace(&mut *spare, Spare::Absent) {
+            Spare::Ready(next) => {
+                *active = next;
+                true
+            }
+            other => {
+                *spare = other;
+                false
+            }
+        }
     }
 
     /// Appends `bytes` (whole length-prefixed deltas) as frames of at
     /// most [`MAX_FRAME_BYTES`], each synced before the next is written.
-    fn write_frames(&self, active: &mut Active, bytes: &[u8]) -> Result<()> {
-        let path = segment_path(&self.dir, active.index);
+    /// A frame that does not fit the rest of a segment that holds frames
+    /// goes to the next segment if that is ready (and makes the current
+    /// one grow if not). Says whether it moved to a next segment.
+    fn write_frames(&self, active: &mut Active, bytes: &[u8]) -> Result<bool> {
+        let mut moved = false;
         let mut rest = bytes;
         while !rest.is_empty() {
             let cut = frame_cut(rest);
             let (payload, tail) = rest.split_at(cut);
+            let frame_bytes = (FRAME_HEADER_BYTES + payload.len()) as u64;
+            if active.len > SEGMENT_HEADER_BYTES as u64
+                && active.len.saturating_add(frame_bytes) > active.capacity
+            {
+                moved |= self.move_to_next(active);
+            }
+            let path = segment_path(&self.dir, active.index);
             let len = (payload.len() as u32).to_le_bytes();
             let at = active.len as usize;
             let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + payload.len());
@@ -545,7 +765,13 @@ impl Journal {
             active.len += frame.len() as u64;
             rest = tail;
         }
-        Ok(())
+        Ok(moved)
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.drain_preparation();
     }
 }
 
@@ -643,6 +869,144 @@ mod tests {
             "the second delta starts the next frame"
         );
         assert_eq!(frame_cut(&bytes[4 + big..]), 4 + big);
+    }
+
+    /// A length-prefixed delta: a declaration with sequence number `seq`.
+    fn delta_bytes(seq: u64) -> Vec<u8> {
+        use concord_core::{CrdtType, Hlc, Op, ReplicaId};
+        let delta = Delta {
+            origin: ReplicaId(1),
+            seq,
+            hlc: Hlc::ZERO,
+            keyspace: "hits".into(),
+            key: String::new(),
+            op: Op::Declare(CrdtType::Counter),
+        }
+        .encode();
+        let mut bytes = (delta.len() as u32).to_le_bytes().to_vec();
+        bytes.extend(delta);
+        bytes
+    }
+
+    /// The bytes of a segment of format `version`: one frame per seq, then
+    /// `zeros` zero bytes; `garble_last` flips a byte of the last frame.
+    fn segment_bytes(version: u32, seqs: &[u64], zeros: usize, garble_last: bool) -> Vec<u8> {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&version.to_le_bytes());
+        for &seq in seqs {
+            bytes.extend(frame(bytes.len(), &delta_bytes(seq)));
+        }
+        if garble_last {
+            let n = bytes.len();
+            bytes[n - 1] ^= 0xff;
+        }
+        bytes.resize(bytes.len() + zeros, 0);
+        bytes
+    }
+
+    /// A data directory whose journal holds `segments`, oldest first.
+    fn journal_of(segments: &[Vec<u8>]) -> tempfile::TempDir {
+        let data = tempfile::tempdir().expect("tempdir");
+        let dir = data.path().join(DIR);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        for (index, bytes) in segments.iter().enumerate() {
+            std::fs::write(segment_path(&dir, index as u64), bytes).expect("write");
+        }
+        data
+    }
+
+    fn recovered_seqs(segments: &[Vec<u8>]) -> Result<Vec<u64>> {
+        let data = journal_of(segments);
+        let recovered = recover(data.path())?;
+        Ok(recovered.deltas.iter().map(|d| d.seq).collect())
+    }
+
+    #[test]
+    fn zeros_end_a_segment_and_a_torn_frame_before_an_empty_newer_segment_is_cut_off() {
+        let seqs = recovered_seqs(&[
+            segment_bytes(VERSION, &[1, 2], 1000, false),
+            segment_bytes(VERSION, &[3, 4], 1000, true),
+            // The next segment, prepared and not written to yet.
+            segment_bytes(VERSION, &[], 4096, false),
+        ])
+        .expect("recovers");
+        assert_eq!(seqs, [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_torn_frame_with_frames_in_a_newer_segment_is_corruption() {
+        let err = recovered_seqs(&[
+            segment_bytes(VERSION, &[1, 2], 1000, true),
+            segment_bytes(VERSION, &[3], 1000, false),
+            segment_bytes(VERSION, &[], 4096, false),
+        ])
+        .expect_err("refused");
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+        assert!(
+            err.to_string().contains("newer segment holds frames"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn frames_after_zeros_are_corruption() {
+        let mut bytes = segment_bytes(VERSION, &[1], 100, false);
+        let at = bytes.len();
+        bytes.extend(frame(at, &delta_bytes(2)));
+        let err = recovered_seqs(&[bytes]).expect_err("refused");
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+    }
+
+    #[test]
+    fn an_unfinished_creation_is_empty_only_as_the_newest_file() {
+        let done = segment_bytes(VERSION, &[1], 100, false);
+        for unfinished in [vec![0u8; 4096], MAGIC[..5].to_vec()] {
+            assert_eq!(
+                recovered_seqs(&[done.clone(), unfinished.clone()]).expect("recovers"),
+                [1]
+            );
+            let err = recovered_seqs(&[unfinished, done.clone()]).expect_err("refused");
+            assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
+        }
+    }
+
+    #[test]
+    fn version_1_segments_are_read_and_unknown_versions_refused() {
+        assert_eq!(
+            recovered_seqs(&[
+                segment_bytes(1, &[1, 2], 0, false),
+                segment_bytes(VERSION, &[3], 64, false)
+            ])
+            .expect("recovers"),
+            [1, 2, 3]
+        );
+        let err =
+            recovered_seqs(&[segment_bytes(VERSION + 1, &[1], 0, false)]).expect_err("refused");
+        assert!(err.to_string().contains("format version 3"), "{err}");
+    }
+
+    #[test]
+    fn a_prepared_segment_is_zeros_after_its_header_and_positioned_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut active =
+            prepare_segment(dir.path(), 7, 3 * ZERO_CHUNK_BYTES as u64 + 5).expect("prepared");
+        let path = segment_path(dir.path(), 7);
+        let bytes = std::fs::read(&path).expect("read");
+        assert_eq!(bytes.len(), 3 * ZERO_CHUNK_BYTES + 5);
+        assert_eq!(&bytes[..8], MAGIC);
+        assert!(zeros(&bytes[SEGMENT_HEADER_BYTES..]));
+        assert_eq!(active.capacity, bytes.len() as u64);
+        active.file.write_all(b"x").expect("write");
+        let bytes = std::fs::read(&path).expect("read");
+        assert_eq!(
+            bytes[SEGMENT_HEADER_BYTES], b'x',
+            "writes go after the header"
+        );
+        assert_eq!(bytes.len(), 3 * ZERO_CHUNK_BYTES + 5, "in place");
+        assert!(
+            prepare_segment(dir.path(), 7, 4096).is_err(),
+            "an existing segment is never overwritten"
+        );
     }
 
     /// Makes every later write of `store`'s journal fail, as a full or

@@ -53,9 +53,12 @@ pub struct StoreOptions {
     /// Where blocking work (the group-commit flush) runs; the node runs its
     /// own store calls there too.
     pub offload: Offload,
-    /// Size at which the journal ([`crate::journal`]) starts a new segment
-    /// and checkpoints: sled is flushed and the older segments deleted.
-    /// At least [`crate::journal::MIN_SEGMENT_BYTES`].
+    /// Size of the journal's segments ([`crate::journal`]): the first is
+    /// [`crate::journal::FIRST_SEGMENT_BYTES`] (or this, when smaller), each
+    /// next one twice the one before, up to this. Segments are made at
+    /// their full size, zero-filled; when one is full the journal moves to
+    /// the next and checkpoints: sled is flushed and the older segments
+    /// deleted. At least [`crate::journal::MIN_SEGMENT_BYTES`].
     pub journal_segment_bytes: u64,
 }
 

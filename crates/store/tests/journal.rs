@@ -34,19 +34,42 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Checkpoints run off the write path: gives the last one a moment, then
-/// requires at most three segments left: the one just filled, the new one,
-/// and one more when the last fill found the checkpoint before still
-/// running (it then starts none; the next fill does).
+/// requires at most four segments left: the one just filled, the active
+/// one, the next one prepared, and one more when the last fill found the
+/// checkpoint before still running (it then starts none; the next fill
+/// does).
 fn assert_checkpointed(dir: &Path) {
     let mut left = segments(dir).len();
     for _ in 0..100 {
-        if left <= 3 {
+        if left <= 4 {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
         left = segments(dir).len();
     }
-    assert!(left <= 3, "{left} segments left after checkpoints");
+    assert!(left <= 4, "{left} segments left after checkpoints");
+}
+
+/// Segment header and frame header sizes of the journal's format.
+const SEGMENT_HEADER: usize = 12;
+const FRAME_HEADER: usize = 12;
+
+/// Where the frames of a segment's `bytes` end (the zeros it was made
+/// with follow), and where the last one starts.
+fn frames_end(bytes: &[u8]) -> (usize, usize) {
+    let (mut at, mut last) = (SEGMENT_HEADER, SEGMENT_HEADER);
+    while bytes.len() >= at + FRAME_HEADER && bytes[at..at + 4] != [0; 4] {
+        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
+        last = at;
+        at += FRAME_HEADER + len as usize;
+    }
+    (at, last)
+}
+
+/// Whether the segment at `path` holds no frame.
+fn holds_no_frame(path: &Path) -> bool {
+    let bytes = std::fs::read(path).expect("read");
+    frames_end(&bytes).0 == SEGMENT_HEADER
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -158,17 +181,12 @@ async fn a_torn_last_frame_is_cut_off_and_the_rest_replayed() {
         let segment = segments(&lost).pop().expect("a segment");
         let mut bytes = std::fs::read(&segment).expect("read");
         // The last frame holds one increment of 5: its delta is under 100
-        // bytes, and the frame header 8.
+        // bytes, and the frame header 12.
+        let (end, _) = frames_end(&bytes);
         match tear {
-            "cut" => bytes.truncate(bytes.len() - 3),
-            "zeros" => {
-                let n = bytes.len();
-                bytes[n - 20..].fill(0);
-            }
-            _ => {
-                let n = bytes.len();
-                bytes[n - 1] ^= 0xff;
-            }
+            "cut" => bytes.truncate(end - 3),
+            "zeros" => bytes[end - 20..end].fill(0),
+            _ => bytes[end - 1] ^= 0xff,
         }
         std::fs::write(&segment, &bytes).expect("write");
         let store = open_as(&lost, 1, options());
@@ -178,6 +196,88 @@ async fn a_torn_last_frame_is_cut_off_and_the_rest_replayed() {
             "{tear}: the torn write is dropped"
         );
     }
+}
+
+/// A write torn in the active segment, with the next segment prepared
+/// after it (holding no frame yet), is the last write: it is cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_frame_before_the_prepared_next_segment_is_cut_off() {
+    let root = tempfile::tempdir().expect("tempdir");
+    // 45 writes of 1,000 bytes take the 64 KiB first segment past half
+    // its size (the next one is then prepared) and do not fill it.
+    let items = (1..=45u8)
+        .map(|i| write("r", Intent::RegisterSet(vec![i; 1000])))
+        .collect();
+    let (lost, _) = staged_items(root.path(), items).await;
+    let mut found = segments(&lost);
+    assert_eq!(found.len(), 2, "the active segment and the prepared one");
+    let prepared = found.pop().expect("prepared");
+    assert!(holds_no_frame(&prepared));
+    let active = found.pop().expect("active");
+    let mut bytes = std::fs::read(&active).expect("read");
+    let (end, last) = frames_end(&bytes);
+    assert_eq!(
+        bytes.len() as u64,
+        journal::FIRST_SEGMENT_BYTES,
+        "made at full size"
+    );
+    bytes[(last + end) / 2] ^= 0xff;
+    std::fs::write(&active, &bytes).expect("write");
+    let store = open_as(&lost, 1, options());
+    let names = ks("names", CrdtType::Register);
+    match store.get(&names, "r").expect("get") {
+        concord_core::Value::Register(r) => assert_eq!(
+            r.get().map(|(v, _)| v.to_vec()),
+            Some(vec![44u8; 1000]),
+            "the torn write is dropped, the one before it kept"
+        ),
+        other => panic!("not a register: {other:?}"),
+    }
+}
+
+/// Segments are made at their full size and double, up to the configured
+/// size; what they hold is all replayed.
+#[tokio::test(flavor = "current_thread")]
+async fn segments_are_made_at_full_size_and_double() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Inline: every preparation is done before the write returns, so no
+    // segment outgrows the size it was made at.
+    let inline = StoreOptions {
+        offload: concord_store::Offload::Inline,
+        journal_segment_bytes: 256 << 10,
+        ..options()
+    };
+    let (_t, clock) = manual_clock();
+    let store = open_as(dir.path(), 1, inline.clone());
+    declare_all(&store, &clock);
+    let mut sizes = std::collections::BTreeSet::new();
+    for i in 0..1_000u32 {
+        let receipt = store
+            .write(
+                &clock,
+                &[write(&format!("k{i}"), Intent::RegisterSet(vec![7; 1000]))],
+            )
+            .expect("write");
+        store.durable(&receipt).await.expect("durable");
+        for path in segments(dir.path()) {
+            sizes.insert(std::fs::metadata(&path).expect("metadata").len());
+        }
+    }
+    let first = journal::FIRST_SEGMENT_BYTES;
+    assert_eq!(
+        sizes.into_iter().collect::<Vec<_>>(),
+        [first, 2 * first, 256 << 10],
+        "64 KiB, 128 KiB, then the configured 256 KiB"
+    );
+    drop(store);
+    let store = open_as(dir.path(), 1, inline);
+    assert_eq!(
+        store
+            .version_vector()
+            .expect("vv")
+            .get(concord_core::ReplicaId(1)),
+        1_004
+    );
 }
 
 /// [`staged`] without the peer's batch: increments of `k` by 1, 2, ...
