@@ -59,15 +59,17 @@
 //! is written. `fdatasync` of a frame that overwrites zeros in place then
 //! writes the frame's blocks and nothing else; on a file that grows, every
 //! sync also commits the file's new size to the file system's own journal,
-//! which made the write path's syncs slower and their tail longer
+//! which made each durable write about a quarter slower
 //! (docs/BENCHMARKS.md). The first segment is [`FIRST_SEGMENT_BYTES`] and
 //! made when the journal starts; each next one is twice the size of the
 //! one before, up to [`crate::StoreOptions::journal_segment_bytes`], so a
 //! store that writes little writes few zeros. The next segment is made off
 //! the write path: the write that takes the active segment past half its
-//! size starts it. A frame that does not fit what is left of the active
-//! segment goes to the next one; should that not be ready yet, the active
-//! segment grows until it is.
+//! size starts it, and it syncs after every MiB of zeros, so that the
+//! write path's syncs never queue behind many megabytes of them. A frame
+//! that does not fit what is left of the active segment goes to the next
+//! one; should that not be ready yet, the active segment grows until it
+//! is.
 //!
 //! **Checkpoints.** When the journal moves to the next segment, the
 //! leader (off the write path, one at a time) flushes sled and deletes the
@@ -128,6 +130,10 @@ pub const MIN_SEGMENT_BYTES: u64 = 4096;
 pub const FIRST_SEGMENT_BYTES: u64 = 64 << 10;
 /// Zeros written at a time when a segment is prepared.
 const ZERO_CHUNK_BYTES: usize = 64 << 10;
+/// Zeros written between two syncs when a segment is prepared: the
+/// preparation never puts much more than this in the disk's queue ahead of
+/// the write path's syncs.
+const ZERO_SYNC_BYTES: u64 = 1 << 20;
 /// Longest a dropped journal waits for the preparation of its next
 /// segment, so that no file is being written in the directory after the
 /// store that owns it is gone.
@@ -474,10 +480,16 @@ fn prepare_segment(dir: &Path, index: u64, capacity: u64) -> Result<Active> {
     let written = (|| {
         file.write_all(&header)?;
         let mut left = capacity.saturating_sub(SEGMENT_HEADER_BYTES as u64);
+        let mut unsynced = 0;
         while left > 0 {
             let n = left.min(ZERO_CHUNK_BYTES as u64) as usize;
             file.write_all(&zeros[..n])?;
             left -= n as u64;
+            unsynced += n as u64;
+            if unsynced >= ZERO_SYNC_BYTES {
+                file.sync_data()?;
+                unsynced = 0;
+            }
         }
         file.sync_all()?;
         file.seek(SeekFrom::Start(SEGMENT_HEADER_BYTES as u64))
@@ -988,11 +1000,12 @@ mod tests {
     #[test]
     fn a_prepared_segment_is_zeros_after_its_header_and_positioned_there() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut active =
-            prepare_segment(dir.path(), 7, 3 * ZERO_CHUNK_BYTES as u64 + 5).expect("prepared");
+        // Past one sync's worth of zeros, and not a whole number of chunks.
+        let size = ZERO_SYNC_BYTES as usize + 3 * ZERO_CHUNK_BYTES + 5;
+        let mut active = prepare_segment(dir.path(), 7, size as u64).expect("prepared");
         let path = segment_path(dir.path(), 7);
         let bytes = std::fs::read(&path).expect("read");
-        assert_eq!(bytes.len(), 3 * ZERO_CHUNK_BYTES + 5);
+        assert_eq!(bytes.len(), size);
         assert_eq!(&bytes[..8], MAGIC);
         assert!(zeros(&bytes[SEGMENT_HEADER_BYTES..]));
         assert_eq!(active.capacity, bytes.len() as u64);
@@ -1002,7 +1015,7 @@ mod tests {
             bytes[SEGMENT_HEADER_BYTES], b'x',
             "writes go after the header"
         );
-        assert_eq!(bytes.len(), 3 * ZERO_CHUNK_BYTES + 5, "in place");
+        assert_eq!(bytes.len(), size, "in place");
         assert!(
             prepare_segment(dir.path(), 7, 4096).is_err(),
             "an existing segment is never overwritten"
