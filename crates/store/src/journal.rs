@@ -368,11 +368,13 @@ fn read_segment(path: &Path, newest: bool, limits: &Limits) -> Result<Segment> {
         ))
     };
     // Only the creation of the newest segment can be cut short: a header
-    // cut short, or zeros where the header was to be, then zeros.
+    // (of either version) cut short, or zeros where the header was to be,
+    // then zeros.
     let header_part = &bytes[..bytes.len().min(SEGMENT_HEADER_BYTES)];
-    let mut header = MAGIC.to_vec();
-    header.extend_from_slice(&VERSION.to_le_bytes());
-    let unfinished = (zeros(header_part) || header.starts_with(header_part))
+    let header_of = |version: u32| [&MAGIC[..], &version.to_le_bytes()].concat();
+    let unfinished = (zeros(header_part)
+        || header_of(1).starts_with(header_part)
+        || header_of(VERSION).starts_with(header_part))
         && zeros(&bytes[header_part.len()..]);
     if newest && unfinished {
         return Ok(empty);
@@ -972,7 +974,9 @@ mod tests {
     #[test]
     fn an_unfinished_creation_is_empty_only_as_the_newest_file() {
         let done = segment_bytes(VERSION, &[1], 100, false);
-        for unfinished in [vec![0u8; 4096], MAGIC[..5].to_vec()] {
+        // A version 1 header cut short, as an older build left it.
+        let v1_cut = [&MAGIC[..], &1u32.to_le_bytes()[..1]].concat();
+        for unfinished in [vec![0u8; 4096], MAGIC[..5].to_vec(), v1_cut] {
             assert_eq!(
                 recovered_seqs(&[done.clone(), unfinished.clone()]).expect("recovers"),
                 [1]
