@@ -335,11 +335,11 @@ struct Torn {
     dropped_bytes: usize,
 }
 
-/// What one segment holds: its deltas, and whether its frames end in a
-/// bad frame with nothing valid after it (see [`recover`]).
+/// What one segment holds: its deltas (every frame holds at least one),
+/// and whether its frames end in a bad frame with nothing valid after it
+/// (see [`recover`]).
 struct Segment {
     deltas: Vec<Delta>,
-    frames: usize,
     torn: Option<Torn>,
 }
 
@@ -354,7 +354,6 @@ fn zeros(bytes: &[u8]) -> bool {
 fn read_segment(path: &Path, newest: bool, limits: &Limits) -> Result<Segment> {
     let empty = Segment {
         deltas: Vec::new(),
-        frames: 0,
         torn: None,
     };
     let mut bytes = Vec::new();
@@ -399,7 +398,6 @@ fn read_segment(path: &Path, newest: bool, limits: &Limits) -> Result<Segment> {
             Some((payload, end)) => {
                 decode_payload(payload, limits, &mut segment.deltas)
                     .map_err(|e| corrupt(at, &e))?;
-                segment.frames += 1;
                 at = end;
             }
             // The zeros a prepared segment was made with: the end.
@@ -542,12 +540,11 @@ pub(crate) fn recover(data_dir: &Path) -> Result<Recovered> {
     for (n, (_, path)) in found.iter().enumerate() {
         read.push(read_segment(path, n + 1 == count, &limits)?);
     }
-    let mut deltas = Vec::new();
-    let mut frames_after = 0;
+    let mut frames_after = false;
     for (n, segment) in read.iter().enumerate().rev() {
         if let Some(torn) = &segment.torn {
             let path = found[n].1.display();
-            if frames_after > 0 {
+            if frames_after {
                 return Err(StoreError::Corrupt(format!(
                     "journal segment {path} at byte {}: a frame fails its checksum, and a newer segment holds frames",
                     torn.at
@@ -560,11 +557,9 @@ pub(crate) fn recover(data_dir: &Path) -> Result<Recovered> {
                 "the journal ends in a torn write; cutting it off"
             );
         }
-        frames_after += segment.frames;
+        frames_after |= !segment.deltas.is_empty();
     }
-    for segment in read {
-        deltas.extend(segment.deltas);
-    }
+    let deltas = read.into_iter().flat_map(|s| s.deltas).collect();
     let next_index = found.last().map_or(0, |(i, _)| i + 1);
     Ok(Recovered { deltas, next_index })
 }
@@ -1024,6 +1019,60 @@ mod tests {
             prepare_segment(dir.path(), 7, 4096).is_err(),
             "an existing segment is never overwritten"
         );
+    }
+
+    /// Hands `journal` the declaration `seq` and writes it, running any
+    /// preparation it starts right here; says whether it moved segments.
+    fn write_one(journal: &Journal, seq: u64) -> bool {
+        let delta = delta_bytes(seq);
+        journal.append([&delta[4..]], || seq);
+        let written = journal.write_pending().expect("written");
+        if let Some(prepare) = written.prepare {
+            prepare.run();
+        }
+        written.checkpoint.is_some()
+    }
+
+    #[test]
+    fn a_failed_preparation_lets_the_segment_grow_and_is_tried_again() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let recovered = recover(data.path()).expect("nothing to recover");
+        let journal = Journal::start(data.path(), &recovered, MIN_SEGMENT_BYTES).expect("start");
+        // A file where the next segment goes: its preparation fails.
+        let blocker = segment_path(&journal.dir, 1);
+        std::fs::write(&blocker, b"not the journal's").expect("write");
+        let mut seq = 0;
+        while Journal::lock(&journal.active).len <= 2 * MIN_SEGMENT_BYTES {
+            seq += 1;
+            assert!(!write_one(&journal, seq), "nowhere to move to");
+        }
+        let first = segment_path(&journal.dir, 0);
+        assert!(std::fs::metadata(&first).expect("metadata").len() > 2 * MIN_SEGMENT_BYTES);
+        assert_eq!(
+            std::fs::read(&blocker).expect("read"),
+            b"not the journal's",
+            "a file the preparation did not make is left alone"
+        );
+        std::fs::remove_file(&blocker).expect("rm");
+        // The next try, half a segment on, succeeds; the write after it moves.
+        let mut moved = false;
+        for _ in 0..200 {
+            seq += 1;
+            if write_one(&journal, seq) {
+                moved = true;
+                break;
+            }
+        }
+        assert!(moved, "the journal moved to the next segment");
+        assert_eq!(Journal::lock(&journal.active).index, 1);
+        drop(journal);
+        let replayed: Vec<u64> = recover(data.path())
+            .expect("recovers")
+            .deltas
+            .iter()
+            .map(|d| d.seq)
+            .collect();
+        assert_eq!(replayed, (1..=seq).collect::<Vec<_>>());
     }
 
     /// Makes every later write of `store`'s journal fail, as a full or
