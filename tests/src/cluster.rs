@@ -26,6 +26,9 @@ pub struct Region {
 pub struct Cluster {
     /// The regions, by index (replica id = index + 1).
     pub regions: Vec<Region>,
+    /// Top-level configuration every region gets (`durability = ...`,
+    /// a `[storage]` table), written before its peers.
+    pub settings: String,
     procs: Vec<Option<NodeProcess>>,
     _dir: tempfile::TempDir,
 }
@@ -46,6 +49,7 @@ impl Cluster {
             .collect();
         Cluster {
             regions,
+            settings: String::new(),
             procs: (0..n).map(|_| None).collect(),
             _dir: dir,
         }
@@ -55,7 +59,10 @@ impl Cluster {
     /// at `endpoint(i, j)`.
     pub fn configure(&self, endpoint: impl Fn(usize, usize) -> String) {
         for (i, r) in self.regions.iter().enumerate() {
-            let mut peers = String::new();
+            let mut peers = self.settings.clone();
+            if !peers.is_empty() && !peers.ends_with('\n') {
+                peers.push('\n');
+            }
             for (j, p) in self.regions.iter().enumerate() {
                 if i != j {
                     peers.push_str(&format!(

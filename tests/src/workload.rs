@@ -32,6 +32,18 @@ pub struct Record {
     pub unknown: u64,
 }
 
+impl Record {
+    /// Takes in the record of a region allowed to lose its last
+    /// acknowledged writes (relaxed durability, killed): its increments
+    /// count as of unknown outcome, and its other writes are not required.
+    pub fn absorb_lossy(&mut self, lossy: Record) {
+        for (k, n) in lossy.counter_acked.into_iter().chain(lossy.counter_unknown) {
+            *self.counter_unknown.entry(k).or_default() += n;
+        }
+        self.unknown += lossy.acked + lossy.unknown;
+    }
+}
+
 /// Shared record of every writer.
 pub type Shared = Arc<Mutex<Record>>;
 

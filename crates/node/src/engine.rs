@@ -20,7 +20,7 @@ use concord_core::catalog::{Catalog, KeyspaceView};
 use concord_core::crdt::{StreamEntry, StreamId};
 use concord_core::{Clock, CrdtType, Delta, Hlc, KeyspaceId, Limits, Value};
 use concord_proto::v1 as pb;
-use concord_store::{ApplyReport, Item, ItemResult, Store, WriteReceipt};
+use concord_store::{ApplyReport, Durability, Item, ItemResult, Store, WriteReceipt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::command::{ClientOp, OpKind};
@@ -48,7 +48,9 @@ enum Job {
 /// this region: its own deltas are shipped to peers only up to that seq,
 /// so a crash can never leave peers holding writes this region lost. The
 /// writer's durability task for a group records it too, so a group whose
-/// clients all gave up waiting is still shipped.
+/// clients all gave up waiting is still shipped; in relaxed mode, where a
+/// client is answered before the disk, only that task records it, after
+/// the sled flush its sync makes.
 #[derive(Debug, Clone)]
 struct OwnDurable {
     seq: Arc<AtomicU64>,
@@ -215,7 +217,8 @@ impl Engine {
         let (view, created, receipt) = self
             .blocking(move |store, clock| Ok(store.declare(clock, &name, ty)?))
             .await?;
-        self.store.durable(&receipt).await?;
+        // A declaration is acknowledged once on disk in either mode.
+        self.store.persisted(&receipt).await?;
         self.own_durable(receipt.last_seq);
         Ok((view, created))
     }
@@ -247,7 +250,11 @@ impl Engine {
             .await
             .map_err(|_| NodeError::Unavailable("the store task failed".into()))??;
         self.store.durable(&receipt).await?;
-        self.own_durable(receipt.last_seq);
+        // In relaxed mode `durable` did not wait for the disk: the
+        // writer's sync of the group ships it once it is on disk.
+        if self.store.durability() == Durability::Group {
+            self.own_durable(receipt.last_seq);
+        }
         for ((op, keyspace), result) in ops.iter().zip(keyspaces).zip(&receipt.results) {
             if let (OpKind::StreamAppend(fields), ItemResult::Written { seq, hlc, .. }) =
                 (&op.kind, result)

@@ -316,6 +316,11 @@ impl Provider {
         Ok(())
     }
 
+    /// Waits until everything read so far for the subscriber is on disk.
+    async fn persist_sent(&self) -> Result<(), Status> {
+        Ok(self.engine.store().sync().await.map_err(NodeError::from)?)
+    }
+
     /// Sends the whole state, then raises `sent` to what it covers.
     async fn send_snapshot(
         &mut self,
@@ -325,6 +330,11 @@ impl Provider {
         tracing::info!(peer = %region, "peer is behind the logs' truncation point: sending a snapshot");
         let mut cursor = blocking(&self.engine, |store| store.export_snapshot()).await?;
         let covers = cursor.covers().clone();
+        // What leaves the region must be on disk: in relaxed mode a
+        // crash would otherwise leave the peer holding own writes this
+        // region lost, and later ones reusing their seqs. Each chunk is
+        // synced the same way before it is sent.
+        self.persist_sent().await?;
         let begin = pb::SnapshotBegin {
             covers: Some((&covers).into()),
         };
@@ -341,6 +351,7 @@ impl Provider {
             .await?;
             cursor = back;
             let Some(chunk) = next else { break };
+            self.persist_sent().await?;
             let frame = self.frame(pb::provider_frame::Body::SnapshotChunk(chunk_to_proto(
                 &chunk,
             )))?;

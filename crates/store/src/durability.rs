@@ -44,7 +44,9 @@ pub enum Durability {
     #[default]
     Group,
     /// Before the flush: sled's background flush makes it durable within
-    /// `flush_every_ms`; a crash may lose writes acknowledged in that window.
+    /// `flush_every_ms`; a crash may lose writes acknowledged in that
+    /// window. Nothing leaves the region before it is on disk, so what a
+    /// crash loses is lost in every region alike.
     Relaxed,
 }
 
@@ -151,24 +153,59 @@ impl GroupCommit {
         n: u64,
         offload: Offload,
     ) -> Result<()> {
+        self.lead_or_follow(n, || async {
+            journal.check()?;
+            let (writing, queue) = (journal.clone(), pipeline.clone());
+            let written = offload
+                .run(move || write_and_apply(&writing, &queue))
+                .await
+                .map_err(|e| StoreError::Journal(e.to_string()))??;
+            self.written(written, db, offload);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Waits until commit `n` is in a completed sled flush, flushing if
+    /// no one else is: how a store without a journal (`relaxed` mode)
+    /// makes its commits durable. Writes are acknowledged before it; what
+    /// leaves the region (own deltas shipped to peers, acknowledgements
+    /// upstream, snapshots) waits for it, so a crash can never leave
+    /// other regions holding what this one lost (docs/DECISIONS.md).
+    pub(crate) async fn wait_flushed(&self, db: &sled::Db, n: u64, offload: Offload) -> Result<()> {
+        self.lead_or_follow(n, || async {
+            // Every commit numbered so far is in sled's memory: the flush
+            // below covers them all.
+            let through = self.last_committed();
+            let flushing = db.clone();
+            offload.run(move || flushing.flush()).await??;
+            self.flushes.fetch_add(1, Ordering::Relaxed);
+            self.durable.send_modify(|d| *d = (*d).max(through));
+            Ok(())
+        })
+        .await
+    }
+
+    /// Waits until commit `n` is published as durable. The first waiter
+    /// to find no flush running leads one (`flush`, which publishes what
+    /// it made durable); the others wait for it and check again.
+    async fn lead_or_follow<F, Fut>(&self, n: u64, mut flush: F) -> Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<()>>,
+    {
         let mut rx = self.durable.subscribe();
         loop {
             if *rx.borrow_and_update() >= n {
                 return Ok(());
             }
-            journal.check()?;
             match self.flusher.try_lock() {
                 Ok(lock) => {
                     let _leader = Leader {
                         lock: Some(lock),
                         durable: &self.durable,
                     };
-                    let (writing, queue) = (journal.clone(), pipeline.clone());
-                    let written = offload
-                        .run(move || write_and_apply(&writing, &queue))
-                        .await
-                        .map_err(|e| StoreError::Journal(e.to_string()))??;
-                    self.written(written, db, offload);
+                    flush().await?;
                 }
                 Err(_) => {
                     // The sender lives as long as `self`, so this cannot

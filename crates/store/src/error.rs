@@ -72,6 +72,12 @@ pub enum StoreError {
     #[error("journal: {0}")]
     Journal(String),
 
+    /// A flush handed to a blocking task died before it returned (it
+    /// panicked, or its runtime shut down): what it was flushing is not
+    /// known to be durable.
+    #[error("flush task: {0}")]
+    FlushTask(#[from] crate::offload::OffloadFailed),
+
     /// Stored bytes do not decode, or stored records disagree.
     #[error("corrupt store: {0}")]
     Corrupt(String),

@@ -512,37 +512,50 @@ impl Store {
         self.group.flushes()
     }
 
-    /// Waits until the writes of `receipt` are durable. In `relaxed` mode,
-    /// and for a local write in `group` mode (durable when it returned), it
-    /// returns at once. Call it inside a tokio runtime: a flush runs where
+    /// Waits until the writes of `receipt` may be acknowledged to the
+    /// client: durable in `group` mode (a local write there is durable
+    /// when it returned); at once in `relaxed` mode, which acknowledges
+    /// before the disk. Call it inside a tokio runtime: a flush runs where
     /// [`StoreOptions::offload`] says.
     pub async fn durable(&self, receipt: &WriteReceipt) -> Result<()> {
+        if self.journal.is_none() {
+            return Ok(());
+        }
         self.wait_commit(receipt.commit).await
     }
 
-    /// Waits until everything committed so far is durable (in `group`
-    /// mode): afterwards the version vector read before the call may be
-    /// acknowledged upstream. Flushes only when something committed is not
-    /// durable yet.
+    /// Waits until the writes of `receipt` are on disk, in either mode:
+    /// what must hold before they leave the region.
+    pub async fn persisted(&self, receipt: &WriteReceipt) -> Result<()> {
+        self.wait_commit(receipt.commit).await
+    }
+
+    /// Waits until everything committed so far is on disk: afterwards the
+    /// version vector read before the call may be acknowledged upstream,
+    /// and own deltas up to the seq read before it may be shipped. Flushes
+    /// only when something committed is not on disk yet: the journal in
+    /// `group` mode, sled itself in `relaxed` mode.
     pub async fn sync(&self) -> Result<()> {
         self.wait_commit(Some(self.group.last_committed())).await
     }
 
-    /// Waits until an applied remote batch is durable (in `group` mode), so
-    /// it can be acknowledged upstream.
+    /// Waits until an applied remote batch is on disk, so it can be
+    /// acknowledged upstream.
     pub async fn durable_apply(&self, report: &ApplyReport) -> Result<()> {
         self.wait_commit(report.commit).await
     }
 
     async fn wait_commit(&self, commit: Option<u64>) -> Result<()> {
+        let offload = self.options.offload;
         // A store has a journal exactly in group mode.
         match (&self.journal, commit) {
+            (_, None) => Ok(()),
             (Some(journal), Some(n)) => {
                 self.group
-                    .wait(journal, &self.pipeline, &self.db, n, self.options.offload)
+                    .wait(journal, &self.pipeline, &self.db, n, offload)
                     .await
             }
-            _ => Ok(()),
+            (None, Some(n)) => self.group.wait_flushed(&self.db, n, offload).await,
         }
     }
 

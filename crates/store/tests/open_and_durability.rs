@@ -307,6 +307,39 @@ async fn relaxed_mode_does_not_flush_per_write() {
     assert_eq!(store.flush_count(), 0);
 }
 
+/// What leaves a relaxed region waits for the disk all the same:
+/// `persisted` and `sync` flush sled once for everything committed
+/// before them, and not again while nothing new is committed.
+#[tokio::test]
+async fn relaxed_mode_flushes_before_anything_leaves_the_region() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = clock();
+    let options = StoreOptions {
+        durability: Durability::Relaxed,
+        flush_every_ms: 60_000,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(dir.path(), identity("east", 1), options).expect("open");
+    let (_, _, declared) = store
+        .declare(&clock, "hits", CrdtType::Counter)
+        .expect("declare");
+    store.persisted(&declared).await.expect("persisted");
+    assert_eq!(store.flush_count(), 1);
+    let receipts: Vec<_> = (0..5).map(|_| incr(&store, &clock)).collect();
+    assert_eq!(
+        store.flush_count(),
+        1,
+        "writes are answered before the disk"
+    );
+    store.sync().await.expect("sync");
+    assert_eq!(store.flush_count(), 2, "one flush covers them all");
+    for receipt in &receipts {
+        store.persisted(receipt).await.expect("persisted");
+    }
+    store.sync().await.expect("sync again");
+    assert_eq!(store.flush_count(), 2, "nothing new to flush");
+}
+
 /// `sync` covers everything committed before it, flushing only when some
 /// of it is not durable yet; the in-memory vector it is paired with
 /// matches the stored one across a reopen.
