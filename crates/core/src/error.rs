@@ -70,6 +70,21 @@ pub enum CoreError {
         origin: ReplicaId,
     },
 
+    /// A result does not fit the API's representation (a counter whose
+    /// regions' increments together leave the signed 64-bit range).
+    #[error("{what} is {value}, outside the signed 64-bit range")]
+    OutOfRange {
+        /// What is out of range.
+        what: &'static str,
+        /// Its value.
+        value: i128,
+    },
+
+    /// An invariant of this build broke: a bug here, never the fault of a
+    /// client, a peer or the disk.
+    #[error("internal error (a bug): {0}")]
+    Bug(String),
+
     /// A remote timestamp is further ahead of local physical time than the
     /// allowed drift.
     #[error("remote clock {remote_ms} ms is {drift_ms} ms ahead of local clock {local_ms} ms (max drift {max_drift_ms} ms)")]

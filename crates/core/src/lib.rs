@@ -2,6 +2,9 @@
 //!
 //! - [`clock`]: the hybrid logical clock, with injected physical time, drift
 //!   refusal and a restart high-water mark.
+//! - [`command`]: what a client asks of a key ([`Command`], one enum of
+//!   commands per type, owned by the type's module) and what it answers
+//!   ([`Outcome`]).
 //! - [`crdt`]: the four value types (counter, set, register, stream), their
 //!   operations and their state-based merge, behind the [`crdt::Crdt`] laws.
 //! - [`delta`]: a replicated change `(origin, seq, hlc, keyspace, key, op)`
@@ -19,6 +22,7 @@
 pub mod catalog;
 pub mod clock;
 mod codec;
+pub mod command;
 pub mod crdt;
 pub mod delta;
 mod error;
@@ -33,7 +37,8 @@ use serde::{Deserialize, Serialize};
 
 pub use catalog::{Catalog, KeyspaceId};
 pub use clock::{Clock, Hlc, PhysicalTime, SystemTime};
-pub use crdt::{CrdtType, Intent, Op, Value};
+pub use command::{Access, Command, Outcome, Reply, Request, Stamp};
+pub use crdt::{CrdtType, Op, Value};
 pub use delta::Delta;
 pub use error::{CoreError, Result};
 pub use limits::Limits;

@@ -17,13 +17,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use concord_core::catalog::{Catalog, KeyspaceView};
-use concord_core::crdt::{StreamEntry, StreamId};
-use concord_core::{Clock, CrdtType, Delta, Hlc, KeyspaceId, Limits, Value};
-use concord_proto::v1 as pb;
-use concord_store::{ApplyReport, Durability, Item, ItemResult, Store, WriteReceipt};
+use concord_core::crdt::{StreamCommand, StreamEntry};
+use concord_core::{
+    Clock, Command, CrdtType, Delta, Hlc, KeyspaceId, Outcome, Reply, Request, Stamp,
+};
+use concord_store::{ApplyReport, Durability, Item, Store, WriteReceipt};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::command::{ClientOp, OpKind};
 use crate::error::{NodeError, Result};
 use crate::subscribe::{Appended, Subscriptions};
 
@@ -76,12 +76,12 @@ impl OwnDurable {
 /// A client batch on its way to the writer.
 #[derive(Debug)]
 struct WriteJob {
-    ops: Vec<ClientOp>,
+    ops: Vec<Request>,
     reply: oneshot::Sender<Result<Written>>,
 }
 
 /// A batch the writer ran: its operations, their keyspaces, the receipt.
-type Written = (Vec<ClientOp>, Vec<KeyspaceId>, WriteReceipt);
+type Written = (Vec<Request>, Vec<KeyspaceId>, WriteReceipt);
 
 /// A peer's delta batch on its way to the writer.
 #[derive(Debug)]
@@ -223,27 +223,28 @@ impl Engine {
         Ok((view, created))
     }
 
-    /// Runs operations as one atomic batch: all are applied or none; reads
-    /// see the writes before them. Acknowledged once durable.
-    pub async fn run(&self, ops: Vec<ClientOp>) -> Result<Vec<pb::OperationResult>> {
-        let limits = self.store.limits().clone();
-        if ops.is_empty() {
+    /// Runs requests as one atomic batch: all are applied or none; reads
+    /// see the writes before them. Answered once durable (in relaxed mode,
+    /// once applied), with each request and its outcome.
+    pub async fn run(&self, requests: Vec<Request>) -> Result<Vec<(Request, Outcome)>> {
+        let limits = self.store.limits();
+        if requests.is_empty() {
             return Err(NodeError::InvalidRequest(
                 "a batch needs at least one operation".into(),
             ));
         }
-        if ops.len() > limits.max_batch_ops {
+        if requests.len() > limits.max_batch_ops {
             return Err(concord_core::CoreError::LimitExceeded {
                 what: "operations in one batch",
                 limit: limits.max_batch_ops as u64,
-                actual: ops.len() as u64,
+                actual: requests.len() as u64,
             }
             .into());
         }
-        for op in &ops {
-            op.validate(&limits)?;
-        }
-        let me = self.store.identity().replica;
+        let ops = requests
+            .into_iter()
+            .map(|r| r.checked(limits))
+            .collect::<concord_core::Result<Vec<_>>>()?;
         let (reply, answer) = oneshot::channel();
         self.submit(Job::Write(WriteJob { ops, reply })).await?;
         let (ops, keyspaces, receipt) = answer
@@ -255,26 +256,28 @@ impl Engine {
         if self.store.durability() == Durability::Group {
             self.own_durable(receipt.last_seq);
         }
-        for ((op, keyspace), result) in ops.iter().zip(keyspaces).zip(&receipt.results) {
-            if let (OpKind::StreamAppend(fields), ItemResult::Written { seq, hlc, .. }) =
-                (&op.kind, result)
+        for ((op, keyspace), outcome) in ops.iter().zip(keyspaces).zip(&receipt.results) {
+            if let (
+                Command::Stream(StreamCommand::Append(fields)),
+                Outcome {
+                    write: Some(Stamp { seq, .. }),
+                    reply: Reply::Appended(id),
+                },
+            ) = (&op.command, outcome)
             {
                 if *seq > 0 {
                     self.subscriptions.publish(Appended {
                         keyspace,
                         key: op.key.clone(),
                         entry: StreamEntry {
-                            id: StreamId::new(*hlc, me),
+                            id: *id,
                             fields: fields.clone(),
                         },
                     });
                 }
             }
         }
-        ops.iter()
-            .zip(receipt.results)
-            .map(|(op, result)| shape(&op.kind, result, me))
-            .collect()
+        Ok(ops.into_iter().zip(receipt.results).collect())
     }
 
     /// Applies a peer's delta batch ([`Store::apply_remote`]) on the
@@ -456,12 +459,11 @@ fn run_writes(
     group: Vec<WriteJob>,
 ) -> Vec<(oneshot::Sender<Result<Written>>, Result<Written>)> {
     let catalog = store.catalog();
-    let limits = store.limits().clone();
     let mut ready = Vec::with_capacity(group.len());
     let mut done = Vec::with_capacity(group.len());
     for job in group {
         let resolved = match &catalog {
-            Ok(catalog) => resolve(catalog, &job.ops, &limits),
+            Ok(catalog) => resolve(catalog, &job.ops),
             Err(e) => Err(NodeError::Unavailable(format!(
                 "cannot read the catalog: {e}"
             ))),
@@ -483,18 +485,14 @@ fn run_writes(
 }
 
 /// The store items of a batch, and their keyspaces.
-fn resolve(
-    catalog: &Catalog,
-    ops: &[ClientOp],
-    limits: &Limits,
-) -> Result<(Vec<Item>, Vec<KeyspaceId>)> {
+fn resolve(catalog: &Catalog, ops: &[Request]) -> Result<(Vec<Item>, Vec<KeyspaceId>)> {
     let mut items = Vec::with_capacity(ops.len());
     let mut keyspaces = Vec::with_capacity(ops.len());
     for op in ops {
         let keyspace = catalog
             .resolve(&op.keyspace)
             .ok_or_else(|| NodeError::UnknownKeyspace(op.keyspace.clone()))?;
-        let needed = op.kind.crdt_type();
+        let needed = op.command.crdt_type();
         if keyspace.ty != needed {
             return Err(NodeError::WrongType {
                 keyspace: op.keyspace.clone(),
@@ -502,146 +500,14 @@ fn resolve(
                 needs: needed,
             });
         }
-        items.push(item(keyspace.clone(), op, limits));
+        items.push(Item::new(
+            keyspace.clone(),
+            op.key.clone(),
+            op.command.clone(),
+        ));
         keyspaces.push(keyspace);
     }
     Ok((items, keyspaces))
-}
-
-/// The store item of one operation.
-fn item(keyspace: concord_core::KeyspaceId, op: &ClientOp, limits: &concord_core::Limits) -> Item {
-    use concord_core::Intent;
-    let key = op.key.clone();
-    let write = |intent| Item::Write {
-        keyspace: keyspace.clone(),
-        key: key.clone(),
-        intent,
-    };
-    match &op.kind {
-        OpKind::CounterAdd(n) => write(Intent::CounterAdd(*n)),
-        OpKind::SetAdd(m) => write(Intent::SetAdd(m.clone())),
-        OpKind::SetRemove(m) => write(Intent::SetRemove(m.clone())),
-        OpKind::RegisterSet(v) => write(Intent::RegisterSet(v.clone())),
-        OpKind::StreamAppend(f) => write(Intent::StreamAppend(f.clone())),
-        OpKind::StreamTrim(before) => write(Intent::StreamTrim(*before)),
-        OpKind::CounterGet | OpKind::SetMembers | OpKind::SetContains(_) | OpKind::RegisterGet => {
-            Item::Get {
-                keyspace: keyspace.clone(),
-                key,
-            }
-        }
-        OpKind::StreamRange { from, to, count } => {
-            let most = limits.max_range_entries;
-            let count = match *count as usize {
-                0 => most,
-                n => n.min(most),
-            };
-            Item::StreamRange {
-                keyspace: keyspace.clone(),
-                key,
-                from: *from,
-                to: *to,
-                count,
-            }
-        }
-    }
-}
-
-fn write_response(seq: u64, hlc: concord_core::Hlc) -> pb::WriteResponse {
-    pb::WriteResponse {
-        hlc: hlc.as_u64(),
-        seq,
-    }
-}
-
-fn counter_value(value: &Value) -> Result<i64> {
-    match value {
-        Value::Counter(c) => i64::try_from(c.value()).map_err(|_| {
-            NodeError::OutOfRange(format!(
-                "counter value {} does not fit a signed 64-bit integer",
-                c.value()
-            ))
-        }),
-        other => Err(unexpected(other)),
-    }
-}
-
-fn unexpected(value: &Value) -> NodeError {
-    NodeError::Store(concord_store::StoreError::Corrupt(format!(
-        "unexpected {} value for this operation",
-        value.crdt_type()
-    )))
-}
-
-/// The API result of one operation from the store's result.
-fn shape(
-    kind: &OpKind,
-    result: ItemResult,
-    me: concord_core::ReplicaId,
-) -> Result<pb::OperationResult> {
-    use pb::operation_result::Result as R;
-    let r = match (kind, result) {
-        (OpKind::CounterAdd(_), ItemResult::Written { seq, hlc, value }) => {
-            R::CounterIncrement(pb::CounterIncrementResponse {
-                value: counter_value(&value)?,
-                write: Some(write_response(seq, hlc)),
-            })
-        }
-        (OpKind::CounterGet, ItemResult::Value(value)) => R::CounterGet(pb::CounterGetResponse {
-            value: counter_value(&value)?,
-        }),
-        (OpKind::SetAdd(_), ItemResult::Written { seq, hlc, .. }) => {
-            R::SetAdd(write_response(seq, hlc))
-        }
-        (OpKind::SetRemove(_), ItemResult::Written { seq, hlc, .. }) => {
-            R::SetRemove(write_response(seq, hlc))
-        }
-        (OpKind::SetMembers, ItemResult::Value(Value::Set(s))) => {
-            let mut members = s.members();
-            members.sort();
-            R::SetMembers(pb::SetMembersResponse { members })
-        }
-        (OpKind::SetContains(m), ItemResult::Value(Value::Set(s))) => {
-            R::SetContains(pb::SetContainsResponse {
-                contains: s.contains(m),
-            })
-        }
-        (OpKind::RegisterSet(_), ItemResult::Written { seq, hlc, .. }) => {
-            R::RegisterSet(write_response(seq, hlc))
-        }
-        (OpKind::RegisterGet, ItemResult::Value(Value::Register(r))) => {
-            R::RegisterGet(match r.get() {
-                None => pb::RegisterGetResponse::default(),
-                Some((value, marker)) => pb::RegisterGetResponse {
-                    found: true,
-                    value: value.to_vec(),
-                    hlc: marker.hlc.as_u64(),
-                    replica: marker.replica.0,
-                },
-            })
-        }
-        (OpKind::StreamAppend(_), ItemResult::Written { seq, hlc, .. }) => {
-            R::StreamAppend(pb::StreamAppendResponse {
-                id: Some(StreamId::new(hlc, me).into()),
-                write: Some(write_response(seq, hlc)),
-            })
-        }
-        (OpKind::StreamRange { .. }, ItemResult::Entries(entries)) => {
-            R::StreamRange(pb::StreamRangeResponse {
-                entries: entries.into_iter().map(Into::into).collect(),
-            })
-        }
-        (OpKind::StreamTrim(_), ItemResult::Written { seq, hlc, .. }) => {
-            R::StreamTrim(write_response(seq, hlc))
-        }
-        (_, ItemResult::Value(v)) => return Err(unexpected(&v)),
-        (kind, other) => {
-            return Err(NodeError::Store(concord_store::StoreError::Corrupt(
-                format!("store result {other:?} does not match operation {kind:?}"),
-            )))
-        }
-    };
-    Ok(pb::OperationResult { result: Some(r) })
 }
 
 #[cfg(test)]
@@ -685,12 +551,12 @@ mod tests {
         engine
     }
 
-    fn add(n: i64) -> Vec<ClientOp> {
-        vec![ClientOp {
-            keyspace: "hits".into(),
-            key: "k".into(),
-            kind: OpKind::CounterAdd(n),
-        }]
+    fn add(n: i64) -> Vec<Request> {
+        vec![Request::new(
+            "hits",
+            "k",
+            Command::Counter(concord_core::crdt::CounterCommand::Add(n)),
+        )]
     }
 
     fn from_peer(seq: u64) -> Delta {
@@ -711,7 +577,7 @@ mod tests {
         let ks = engine.store().catalog().expect("catalog");
         let ks = ks.resolve("hits").expect("keyspace").clone();
         match engine.store().get(&ks, key).expect("get") {
-            Value::Counter(c) => i64::try_from(c.value()).expect("fits"),
+            concord_core::Value::Counter(c) => i64::try_from(c.value()).expect("fits"),
             other => panic!("not a counter: {other:?}"),
         }
     }

@@ -79,7 +79,8 @@ fn core_code(e: &CoreError) -> Code {
         CoreError::TypeMismatch { .. } | CoreError::KeyspaceTypeConflict { .. } => {
             Code::FailedPrecondition
         }
-        CoreError::CounterOverflow { .. } => Code::OutOfRange,
+        CoreError::CounterOverflow { .. } | CoreError::OutOfRange { .. } => Code::OutOfRange,
+        CoreError::Bug(_) => Code::Internal,
         CoreError::ClockDrift { .. } | CoreError::ClockExhausted { .. } => Code::Unavailable,
         CoreError::DotGap { .. } => Code::Internal,
     }

@@ -2,9 +2,9 @@
 //!
 //! - [`config`]: the node's configuration (file, environment, flags).
 //! - [`Node`]: opens a region from its configuration and serves it.
-//! - [`command`]: client requests validated into typed operations.
-//! - [`engine`]: runs operations against the store as atomic batches and
-//!   waits for durability.
+//! - [`engine`]: runs client requests (`concord_core::Request`, validated
+//!   from the wire by the types' own conversions) against the store as
+//!   atomic batches and waits for durability.
 //! - [`service`]: the `concord.v1.Concord` gRPC service.
 //! - [`peer`]: the configured peers and the `concord.v1.Replication` service.
 //! - [`connect`]: how the node dials its peers ([`Connector`]).
@@ -41,7 +41,6 @@
 //! # }
 //! ```
 
-pub mod command;
 pub mod config;
 pub mod connect;
 pub mod engine;

@@ -1,17 +1,18 @@
-//! The client gRPC service: every request is validated into typed
-//! operations ([`crate::command`]) and run by the [`Engine`].
+//! The client gRPC service: every request becomes a
+//! [`concord_core::Request`] (the conversions live with each type, in
+//! `concord_core::crdt`) and is run by the [`Engine`]; its outcome goes
+//! back through the same type's conversion.
 
 use std::pin::Pin;
 
 use concord_core::crdt::StreamId;
 use concord_core::proto::crdt_type_from_proto;
-use concord_core::CrdtType;
+use concord_core::{CrdtType, Request as Command};
 use concord_proto::v1 as pb;
 use concord_proto::v1::concord_server::Concord;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::command::ClientOp;
 use crate::engine::Engine;
 use crate::error::NodeError;
 use crate::metrics::observe_rpc;
@@ -36,17 +37,23 @@ impl ClientService {
         }
     }
 
-    /// Runs one operation and returns its result.
-    async fn one(&self, op: ClientOp) -> Result<pb::operation_result::Result, Status> {
-        let mut results = self.run(vec![op]).await?;
+    /// Runs one request and returns its result.
+    async fn one(&self, request: Command) -> Result<pb::operation_result::Result, Status> {
+        let mut results = self.run(vec![request]).await?;
         results
             .pop()
             .and_then(|r| r.result)
             .ok_or_else(|| Status::internal("an operation returned no result"))
     }
 
-    async fn run(&self, ops: Vec<ClientOp>) -> Result<Vec<pb::OperationResult>, Status> {
-        Ok(self.engine.run(ops).await?)
+    async fn run(&self, requests: Vec<Command>) -> Result<Vec<pb::OperationResult>, Status> {
+        let done = self.engine.run(requests).await?;
+        let results = done
+            .into_iter()
+            .map(|(request, outcome)| outcome.into_proto(&request.command))
+            .collect::<concord_core::Result<Vec<_>>>()
+            .map_err(NodeError::from)?;
+        Ok(results)
     }
 }
 
@@ -217,7 +224,7 @@ impl Concord for ClientService {
         request: Request<pb::StreamTrimRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
         observe_rpc("stream_trim", async move {
-            let op = ClientOp::try_from(request.into_inner())?;
+            let op = Command::try_from(request.into_inner()).map_err(NodeError::from)?;
             expect_result!(self.one(op).await?, StreamTrim)
         })
         .await
@@ -273,8 +280,9 @@ impl Concord for ClientService {
                 .into_inner()
                 .operations
                 .into_iter()
-                .map(ClientOp::try_from)
-                .collect::<Result<Vec<_>, _>>()?;
+                .map(Command::try_from)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(NodeError::from)?;
             let results = self.run(ops).await?;
             Ok(Response::new(pb::BatchResponse { results }))
         })

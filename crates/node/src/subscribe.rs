@@ -462,9 +462,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_backlog_longer_than_its_limit_ends_with_resource_exhausted() {
-        use crate::command::{ClientOp, OpKind};
         use concord_core::clock::{ManualTime, HLC_EPOCH_UNIX_MS};
-        use concord_core::crdt::Field;
+        use concord_core::crdt::{Field, StreamCommand};
+        use concord_core::{Command, Request};
 
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(dir.path());
@@ -478,14 +478,11 @@ mod tests {
             .expect("create");
         for n in 0..5u8 {
             engine
-                .run(vec![ClientOp {
-                    keyspace: "events".into(),
-                    key: "a".into(),
-                    kind: OpKind::StreamAppend(vec![Field {
-                        name: "n".into(),
-                        value: vec![n],
-                    }]),
-                }])
+                .run(vec![Request::new(
+                    "events",
+                    "a",
+                    Command::Stream(StreamCommand::Append(vec![Field::new("n", vec![n])])),
+                )])
                 .await
                 .expect("append");
         }

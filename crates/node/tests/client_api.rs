@@ -555,13 +555,23 @@ async fn concurrent_batches_share_transactions_yet_each_fails_alone() {
     let op = |key: &str, n| pb::Operation {
         op: Some(Op::CounterIncrement(incr("hits", key, n))),
     };
-    // Two i64::MAX increments on "big" (the second is applied, but its
-    // value no longer fits the answer); a third overflows this region's
-    // running total for it inside the store.
+    // Two i64::MAX increments on "big": the second would take its value
+    // out of the signed 64-bit range, and is refused before anything of
+    // it is applied or logged; so is every later one, inside the store.
     c.counter_increment(incr("hits", "big", i64::MAX))
         .await
         .expect("incr");
-    let _ = c.counter_increment(incr("hits", "big", i64::MAX)).await;
+    let refused = c
+        .counter_increment(incr("hits", "big", i64::MAX))
+        .await
+        .expect_err("out of range");
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused}");
+    let big = c.counter_get(get("hits", "big")).await.expect("get");
+    assert_eq!(
+        big.into_inner().value,
+        i64::MAX,
+        "the refused increment changed nothing"
+    );
     // 12 batches of 1,000 increments (more than one writer transaction
     // holds) and 4 that fail inside the store, all at once.
     let mut calls = Vec::new();
@@ -601,7 +611,7 @@ async fn concurrent_batches_share_transactions_yet_each_fails_alone() {
         .await
         .expect("status")
         .into_inner();
-    // The declaration, the two increments of "big", 12,000 increments:
-    // no sequence number was spent on a failed batch.
-    assert_eq!(status.applied.expect("vv").seqs.get(&1), Some(&12_003));
+    // The declaration, the one increment of "big", 12,000 increments: no
+    // sequence number was spent on a refused increment or a failed batch.
+    assert_eq!(status.applied.expect("vv").seqs.get(&1), Some(&12_002));
 }

@@ -25,7 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use concord_core::clock::SystemTime;
-use concord_core::{Clock, CrdtType, Hlc, Intent, KeyspaceId, ReplicaId};
+use concord_core::crdt::CounterCommand;
+use concord_core::{Clock, Command, CrdtType, Hlc, KeyspaceId, ReplicaId};
 use concord_store::{layout, Durability, Identity, Item, Store, StoreOptions};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
@@ -100,10 +101,10 @@ fn write_once(store: &Store, clock: &Clock, i: u64) -> concord_store::WriteRecei
     store
         .write(
             clock,
-            &[Item::Write {
+            &[Item {
                 keyspace: hits(),
                 key: key(i),
-                intent: Intent::CounterAdd(1),
+                command: Command::Counter(CounterCommand::Add(1)),
             }],
         )
         .expect("write")

@@ -1088,8 +1088,8 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_failed_journal_write_stops_the_journal_and_leaves_sled_untouched() {
         use concord_core::clock::{ManualTime, HLC_EPOCH_UNIX_MS};
-        use concord_core::crdt::Intent;
-        use concord_core::{Clock, CrdtType, Hlc, KeyspaceId, ReplicaId, Value};
+        use concord_core::crdt::CounterCommand;
+        use concord_core::{Clock, Command, CrdtType, Hlc, KeyspaceId, ReplicaId, Value};
 
         let dir = tempfile::tempdir().expect("tempdir");
         let identity = crate::Identity {
@@ -1102,10 +1102,10 @@ mod tests {
             name: "hits".into(),
             ty: CrdtType::Counter,
         };
-        let incr = [crate::Item::Write {
+        let incr = [crate::Item {
             keyspace: hits.clone(),
             key: "k".into(),
-            intent: Intent::CounterAdd(1),
+            command: Command::Counter(CounterCommand::Add(1)),
         }];
         let counter = |store: &crate::Store| match store.get(&hits, "k").expect("get") {
             Value::Counter(c) => c.value(),

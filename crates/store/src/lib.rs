@@ -49,4 +49,4 @@ pub use error::{Result, StoreError};
 pub use logs::{LogStats, TruncateReport};
 pub use offload::{Offload, OffloadFailed};
 pub use snapshot::{Declaration, ImportReport, SnapshotChunk, SnapshotCursor, SnapshotValue};
-pub use store::{ApplyReport, Identity, Item, ItemResult, Store, StoreOptions, WriteReceipt};
+pub use store::{ApplyReport, Identity, Item, Store, StoreOptions, WriteReceipt};

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use concord_core::catalog::KeyspaceView;
-use concord_core::crdt::{Field, Intent, Stream, StreamEntry, StreamId, StreamOp};
+use concord_core::crdt::{Field, Stream, StreamCommand, StreamEntry, StreamId, StreamOp};
 use concord_core::{
-    Catalog, Clock, CoreError, CrdtType, Delta, Hlc, KeyspaceId, Limits, Marker, Op, ReplicaId,
-    Value, VersionVector,
+    Access, Catalog, Clock, Command, CoreError, CrdtType, Delta, Hlc, KeyspaceId, Limits, Marker,
+    Op, Outcome, ReplicaId, Stamp, Value, VersionVector,
 };
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
@@ -103,66 +103,33 @@ impl StoreOptions {
     }
 }
 
-/// One item of a local batch.
+/// One command of a local batch, on a keyspace the catalog resolved.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Item {
-    /// A write of one key.
-    Write {
-        /// The keyspace (name and type, as resolved by the catalog).
-        keyspace: KeyspaceId,
-        /// The key.
-        key: String,
-        /// What to do.
-        intent: Intent,
-    },
-    /// A read of one key's value. For a stream the value holds only the
-    /// trim watermark; read its entries with [`Item::StreamRange`].
-    Get {
-        /// The keyspace.
-        keyspace: KeyspaceId,
-        /// The key.
-        key: String,
-    },
-    /// A read of stream entries with `from <= id <= to`, at most `count`.
-    StreamRange {
-        /// The keyspace (of type stream).
-        keyspace: KeyspaceId,
-        /// The key.
-        key: String,
-        /// First id.
-        from: StreamId,
-        /// Last id.
-        to: StreamId,
-        /// Most entries.
-        count: usize,
-    },
+pub struct Item {
+    /// The keyspace (name and type, as resolved by the catalog).
+    pub keyspace: KeyspaceId,
+    /// The key.
+    pub key: String,
+    /// What to do.
+    pub command: Command,
 }
 
-/// The result of one item, in the order of the items.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ItemResult {
-    /// A write: its delta's sequence number (0 when it changed nothing and
-    /// was not logged), its HLC, and the value after it.
-    Written {
-        /// Sequence number in this region's log; 0 for a no-op.
-        seq: u64,
-        /// The write's timestamp; for a stream append, the entry id's.
-        hlc: Hlc,
-        /// The value after the write (for streams, the watermark only;
-        /// for sets, only the members the write touched).
-        value: Value,
-    },
-    /// A read's value (empty for a key never written).
-    Value(Value),
-    /// A stream range read's entries.
-    Entries(Vec<StreamEntry>),
+impl Item {
+    /// `command` on `key` of `keyspace`.
+    pub fn new(keyspace: KeyspaceId, key: impl Into<String>, command: Command) -> Item {
+        Item {
+            keyspace,
+            key: key.into(),
+            command,
+        }
+    }
 }
 
 /// What a committed local batch returns.
 #[derive(Debug)]
 pub struct WriteReceipt {
-    /// One result per item.
-    pub results: Vec<ItemResult>,
+    /// One outcome per item.
+    pub results: Vec<Outcome>,
     /// Commit number; pass the receipt to [`Store::durable`].
     commit: Option<u64>,
     /// The highest seq of this region's log the write appended; 0 when it
@@ -740,7 +707,7 @@ impl Store {
     ) -> Result<(Vec<WriteReceipt>, bool)> {
         let mut hlcs = Vec::new();
         for item in batches.iter().flat_map(|b| b.iter()) {
-            if let Item::Write { .. } = item {
+            if item.command.is_write() {
                 hlcs.push(clock.now()?);
             }
         }
@@ -748,22 +715,14 @@ impl Store {
         let me = self.identity.replica;
         let limits = &self.options.limits;
         let first_seq = w.next_seq;
-        let whole_sets: Vec<(&str, &str)> = batches
-            .iter()
-            .flat_map(|b| b.iter())
-            .filter_map(|item| match item {
-                Item::Get { keyspace, key } if keyspace.ty == CrdtType::Set => {
-                    Some((keyspace.name.as_str(), key.as_str()))
-                }
-                _ => None,
-            })
+        let items = || batches.iter().flat_map(|b| b.iter());
+        let whole_sets: Vec<(&str, &str)> = items()
+            .filter(|item| item.command.access() == Access::WholeSet)
+            .map(|item| (item.keyspace.name.as_str(), item.key.as_str()))
             .collect();
         // Ranges (and the watermarks bounding them) are read from sled
         // before the commit: it must hold every commit before this one.
-        let ranges = batches
-            .iter()
-            .flat_map(|b| b.iter())
-            .any(|item| matches!(item, Item::StreamRange { .. }));
+        let ranges = items().any(|item| matches!(item.command.access(), Access::Range { .. }));
         if ranges || !whole_sets.is_empty() {
             self.drain()?;
         }
@@ -793,111 +752,82 @@ impl Store {
                 let batch_first = seq + 1;
                 let mut results = Vec::with_capacity(items.len());
                 for item in items.iter() {
-                    let result = match item {
-                        Item::Write {
-                            keyspace,
-                            key,
-                            intent,
-                        } => {
-                            let Some(&hlc) = stamps.next() else {
-                                return abort(StoreError::Corrupt("missing stamp".into()));
-                            };
-                            // The catalog cannot change inside the
-                            // transaction: each keyspace is looked up
-                            // once.
-                            if !declared.contains(&keyspace)
-                                && catalog
-                                    .get(layout::catalog_key(&keyspace.name, keyspace.ty))?
-                                    .is_none()
-                            {
-                                return abort(StoreError::UnknownKeyspace {
-                                    name: keyspace.name.clone(),
-                                    ty: keyspace.ty,
-                                });
-                            }
-                            declared.insert(keyspace);
-                            if let Err(e) = limits.check_key(key) {
-                                return abort(e);
-                            }
-                            let current = match intent {
-                                Intent::SetAdd(named) | Intent::SetRemove(named)
-                                    if keyspace.ty == CrdtType::Set =>
-                                {
-                                    let set = TxSet::of(keyspace, key);
-                                    Value::Set(set.slice(values, members, named)?.0)
-                                }
-                                _ => tx_value(values, keyspace, key)?,
-                            };
-                            let op = match current.prepare(me, hlc, intent, limits) {
-                                Ok(op) => op,
-                                Err(e) => return abort(e),
-                            };
-                            match op {
-                                None => ItemResult::Written {
-                                    seq: 0,
-                                    hlc,
-                                    value: current,
-                                },
-                                Some(op) => {
-                                    seq += 1;
-                                    let delta = Delta {
-                                        origin: me,
-                                        seq,
-                                        hlc,
-                                        keyspace: keyspace.name.clone(),
-                                        key: key.clone(),
-                                        op,
-                                    };
-                                    let bytes = match delta.encode_checked(limits) {
-                                        Ok(b) => b,
-                                        Err(e) => return abort(e),
-                                    };
-                                    trimmed |= is_trim(&delta.op);
-                                    let value = tx_apply(
-                                        (values, rows, members, meta),
-                                        &mut overlay,
-                                        &delta,
-                                        Some(current),
-                                    )?;
-                                    logged += bytes.len() as u64;
-                                    runs.push(log, me, seq, &bytes)?;
-                                    fresh.push((delta, bytes));
-                                    ItemResult::Written { seq, hlc, value }
-                                }
-                            }
-                        }
-                        Item::Get { keyspace, key } if keyspace.ty == CrdtType::Set => {
-                            let set = TxSet::of(keyspace, key).whole(values, &overlay)?;
-                            ItemResult::Value(Value::Set(set))
-                        }
-                        Item::Get { keyspace, key } => {
-                            ItemResult::Value(tx_value(values, keyspace, key)?)
-                        }
-                        Item::StreamRange {
-                            keyspace,
-                            key,
-                            from,
-                            to,
-                            count,
-                        } => {
-                            let watermark = match tx_value(values, keyspace, key)? {
-                                Value::Stream(s) => s.trimmed_before(),
-                                other => {
-                                    return abort(CoreError::TypeMismatch {
-                                        expected: other.crdt_type(),
-                                        found: CrdtType::Stream,
-                                    })
-                                }
-                            };
-                            let from = (*from).max(watermark);
-                            ItemResult::Entries(
-                                overlay
-                                    .range(&keyspace.name, key, from, *to, *count)
-                                    .map_err(ConflictableTransactionError::Abort)?,
-                            )
-                        }
+                    let Item {
+                        keyspace,
+                        key,
+                        command,
+                    } = item;
+                    if command.crdt_type() != keyspace.ty {
+                        return abort(CoreError::TypeMismatch {
+                            expected: keyspace.ty,
+                            found: command.crdt_type(),
+                        });
+                    }
+                    if !command.is_write() {
+                        let value = tx_load(values, members, &overlay, item)?;
+                        let reply = command.reply(&value, me, None).or_else(abort)?;
+                        results.push(Outcome { write: None, reply });
+                        continue;
+                    }
+                    let Some(&hlc) = stamps.next() else {
+                        return abort(StoreError::Corrupt("missing stamp".into()));
                     };
-                    results.push(result);
+                    // The catalog cannot change inside the transaction:
+                    // each keyspace is looked up once.
+                    if !declared.contains(&keyspace)
+                        && catalog
+                            .get(layout::catalog_key(&keyspace.name, keyspace.ty))?
+                            .is_none()
+                    {
+                        return abort(StoreError::UnknownKeyspace {
+                            name: keyspace.name.clone(),
+                            ty: keyspace.ty,
+                        });
+                    }
+                    declared.insert(keyspace);
+                    if let Err(e) = limits.check_key(key) {
+                        return abort(e);
+                    }
+                    let current = tx_load(values, members, &overlay, item)?;
+                    let op = command.prepare(&current, me, hlc, limits).or_else(abort)?;
+                    let Some(op) = op else {
+                        let stamp = Stamp { seq: 0, hlc };
+                        let reply = command.reply(&current, me, Some(stamp)).or_else(abort)?;
+                        results.push(Outcome {
+                            write: Some(stamp),
+                            reply,
+                        });
+                        continue;
+                    };
+                    seq += 1;
+                    let delta = Delta {
+                        origin: me,
+                        seq,
+                        hlc,
+                        keyspace: keyspace.name.clone(),
+                        key: key.clone(),
+                        op,
+                    };
+                    let bytes = delta.encode_checked(limits).or_else(abort)?;
+                    trimmed |= is_trim(&delta.op);
+                    let value = tx_apply(
+                        (values, rows, members, meta),
+                        &mut overlay,
+                        &delta,
+                        Some(current),
+                    )?;
+                    // A reply that cannot be given (a counter leaving the
+                    // 64-bit range) fails the batch before any of it is
+                    // written.
+                    let stamp = Stamp { seq, hlc };
+                    let reply = command.reply(&value, me, Some(stamp)).or_else(abort)?;
+                    logged += bytes.len() as u64;
+                    runs.push(log, me, seq, &bytes)?;
+                    fresh.push((delta, bytes));
+                    results.push(Outcome {
+                        write: Some(stamp),
+                        reply,
+                    });
                 }
                 let batch_last = if seq >= batch_first { seq } else { 0 };
                 per_batch.push((results, batch_last));
@@ -959,27 +889,20 @@ impl Store {
         let mut needs = Vec::new();
         let mut trims: BTreeMap<(String, String), Vec<StreamId>> = BTreeMap::new();
         for item in items() {
-            if let Item::Write {
-                keyspace,
-                key,
-                intent: Intent::StreamTrim(before),
-            } = item
-            {
+            if let Command::Stream(StreamCommand::Trim(before)) = item.command {
                 trims
-                    .entry((keyspace.name.clone(), key.clone()))
+                    .entry((item.keyspace.name.clone(), item.key.clone()))
                     .or_default()
-                    .push(*before);
+                    .push(before);
             }
         }
         for item in items() {
-            if let Item::StreamRange {
+            let Item {
                 keyspace,
                 key,
-                from,
-                to,
-                count,
-            } = item
-            {
+                command,
+            } = item;
+            if let Access::Range { from, to, count } = command.access() {
                 // Another type's range read fails in the transaction; its
                 // value is not read here (a set's whole read would take
                 // the writer lock this caller holds).
@@ -998,9 +921,9 @@ impl Store {
                     needs.push(RowNeed {
                         name: keyspace.name.clone(),
                         key: key.clone(),
-                        from: (*from).max(low),
-                        to: *to,
-                        limit: *count,
+                        from: from.max(low),
+                        to,
+                        limit: count,
                     });
                 }
             }
@@ -1610,6 +1533,38 @@ pub(crate) fn decode_value(bytes: &[u8], ty: CrdtType) -> Result<Value> {
 
 /// A key's `values` record inside a transaction (for a set, its header
 /// only: see [`decode_value`]).
+/// What `item`'s command needs of its key's value ([`Access`]), read
+/// inside the commit: the value record, a slice of a set or the whole
+/// set, or a stream's watermark with the entries of a range.
+fn tx_load(values: &Rw<'_>, members: &Rw<'_>, overlay: &Overlay, item: &Item) -> TxResult<Value> {
+    let Item { keyspace, key, .. } = item;
+    match item.command.access() {
+        Access::Value => tx_value(values, keyspace, key),
+        Access::Members(named) => Ok(Value::Set(
+            TxSet::of(keyspace, key).slice(values, members, named)?.0,
+        )),
+        Access::WholeSet => Ok(Value::Set(TxSet::of(keyspace, key).whole(values, overlay)?)),
+        Access::Range { from, to, count } => {
+            let watermark = match tx_value(values, keyspace, key)? {
+                Value::Stream(s) => s.trimmed_before(),
+                other => {
+                    return abort(CoreError::TypeMismatch {
+                        expected: other.crdt_type(),
+                        found: CrdtType::Stream,
+                    })
+                }
+            };
+            let entries = overlay
+                .range(&keyspace.name, key, from.max(watermark), to, count)
+                .or_else(abort)?;
+            Ok(Value::Stream(Stream::from_parts(
+                watermark,
+                entries.into_iter().map(|e| (e.id, e.fields)),
+            )))
+        }
+    }
+}
+
 pub(crate) fn tx_value(values: &Rw<'_>, ks: &KeyspaceId, key: &str) -> TxResult<Value> {
     match values.get(layout::value_key(ks, key))? {
         None => Ok(Value::empty(ks.ty)),

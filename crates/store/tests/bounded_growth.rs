@@ -4,8 +4,9 @@
 mod common;
 
 use common::*;
+use concord_core::crdt::{CounterCommand, StreamCommand};
 use concord_core::crdt::{CounterOp, Direction, Field, StreamId};
-use concord_core::{CrdtType, Delta, Hlc, Intent, Limits, Op, ReplicaId, VersionVector};
+use concord_core::{Command, CrdtType, Delta, Hlc, Limits, Op, ReplicaId, VersionVector};
 use concord_store::{StoreError, StoreOptions};
 
 const ME: ReplicaId = ReplicaId(1);
@@ -23,7 +24,10 @@ fn truncation_removes_a_prefix_and_sends_earlier_readers_to_a_snapshot() {
     declare_all(&store, &clock); // seqs 1..=4
     for _ in 0..10 {
         store
-            .write(&clock, &[write("a", Intent::CounterAdd(1))])
+            .write(
+                &clock,
+                &[write("a", Command::Counter(CounterCommand::Add(1)))],
+            )
             .expect("write"); // seqs 5..=14
     }
     let report = store.truncate_logs(&vv(&[(ME, 6)])).expect("truncate");
@@ -62,12 +66,12 @@ fn truncation_removes_a_prefix_and_sends_earlier_readers_to_a_snapshot() {
         Err(StoreError::Truncated { .. })
     ));
     let receipt = store
-        .write(&clock, &[write("a", Intent::CounterAdd(1))])
+        .write(
+            &clock,
+            &[write("a", Command::Counter(CounterCommand::Add(1)))],
+        )
         .expect("write");
-    assert!(matches!(
-        receipt.results[0],
-        concord_store::ItemResult::Written { seq: 15, .. }
-    ));
+    assert_eq!(receipt.results[0].write.map(|w| w.seq), Some(15));
     let after = store.log_from(ME, 15, 100, 1 << 20).expect("log");
     assert_eq!(after.len(), 1);
     let stats = store.log_stats().expect("stats")[&ME];
@@ -170,7 +174,13 @@ fn the_size_cap_keeps_each_log_within_bounds_and_keeps_the_newest_entries() {
     declare_all(&store, &clock);
     for i in 0..300 {
         store
-            .write(&clock, &[write(&format!("k{i}"), Intent::CounterAdd(1))])
+            .write(
+                &clock,
+                &[write(
+                    &format!("k{i}"),
+                    Command::Counter(CounterCommand::Add(1)),
+                )],
+            )
             .expect("write");
     }
     let deltas: Vec<Delta> = (1..=300).map(peer_counter).collect();
@@ -241,7 +251,10 @@ fn truncations_racing_writes_the_cap_and_each_other_keep_the_log_whole_and_count
             store
                 .write(
                     &clock,
-                    &[write(&format!("k{}", i % 50), Intent::CounterAdd(1))],
+                    &[write(
+                        &format!("k{}", i % 50),
+                        Command::Counter(CounterCommand::Add(1)),
+                    )],
                 )
                 .expect("write");
         }
@@ -306,15 +319,15 @@ fn append_many(
         .map(|i| {
             write(
                 "s",
-                Intent::StreamAppend(vec![Field::new("i", format!("{i}"))]),
+                Command::Stream(StreamCommand::Append(vec![Field::new("i", format!("{i}"))])),
             )
         })
         .collect();
     for _ in 0..n / 1000 {
         let receipt = store.write(clock, &items).expect("append");
         for r in &receipt.results {
-            if let concord_store::ItemResult::Written { hlc, .. } = r {
-                ids.push(StreamId::new(*hlc, ME));
+            if let concord_core::Reply::Appended(id) = r.reply {
+                ids.push(id);
             }
         }
     }
@@ -335,7 +348,10 @@ fn trimmed_rows_are_invisible_at_once_and_swept_in_bounded_steps_even_across_a_c
     // step; the rest waits.
     let cut = ids[9_900];
     store
-        .write(&clock, &[write("s", Intent::StreamTrim(cut))])
+        .write(
+            &clock,
+            &[write("s", Command::Stream(StreamCommand::Trim(cut)))],
+        )
         .expect("trim");
     let stream = store.stream(&events, "s").expect("stream");
     assert_eq!(stream.len(), 100);

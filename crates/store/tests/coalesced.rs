@@ -5,8 +5,9 @@
 mod common;
 
 use common::{declare_all, dump, ks, manual_clock, open_as, random_write, write};
-use concord_core::{CrdtType, Intent, Value};
-use concord_store::{Item, ItemResult, StoreOptions};
+use concord_core::crdt::CounterCommand;
+use concord_core::{Command, CrdtType, Value};
+use concord_store::{Item, StoreOptions};
 
 #[test]
 fn coalesced_batches_match_their_sequential_run() {
@@ -60,16 +61,20 @@ fn a_failing_batch_fails_alone_and_the_others_commit() {
     declare_all(&store, &clock);
     let base = store.applied(concord_core::ReplicaId(1)).expect("applied");
     let too_long = "k".repeat(store.limits().max_key_bytes + 1);
-    let get = Item::Get {
-        keyspace: ks("hits", CrdtType::Counter),
-        key: "a".into(),
-    };
-    let first = [write("a", Intent::CounterAdd(5))];
+    let get = Item::new(
+        ks("hits", CrdtType::Counter),
+        "a",
+        Command::Counter(CounterCommand::Get),
+    );
+    let first = [write("a", Command::Counter(CounterCommand::Add(5)))];
     let bad = [
-        write("b", Intent::CounterAdd(1)),
-        write(&too_long, Intent::CounterAdd(1)),
+        write("b", Command::Counter(CounterCommand::Add(1))),
+        write(&too_long, Command::Counter(CounterCommand::Add(1))),
     ];
-    let third = [write("a", Intent::CounterAdd(2)), get.clone()];
+    let third = [
+        write("a", Command::Counter(CounterCommand::Add(2))),
+        get.clone(),
+    ];
     let read_only = [get];
     let out = store.write_many(&clock, &[&first, &bad, &third, &read_only]);
     assert_eq!(out[0].as_ref().expect("first").last_seq, base + 1);
@@ -80,10 +85,7 @@ fn a_failing_batch_fails_alone_and_the_others_commit() {
         base + 2,
         "no seq is spent on the failed batch"
     );
-    match &third.results[1] {
-        ItemResult::Value(Value::Counter(c)) => assert_eq!(c.value(), 7),
-        other => panic!("{other:?}"),
-    }
+    assert_eq!(third.results[1].reply, concord_core::Reply::Counter(7));
     let read = out[3].as_ref().expect("read");
     assert_eq!(read.last_seq, 0, "a read writes nothing");
     // Nothing of the failed batch was applied, not even its valid write.

@@ -20,8 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use concord_core::Stamp;
 use concord_core::{Catalog, Hlc, Op, ReplicaId, Value};
-use concord_store::{Item, ItemResult, Store, StoreOptions};
+use concord_store::{Item, Store, StoreOptions};
 
 const ME: ReplicaId = ReplicaId(1);
 const CHILD_DIR: &str = "CONCORD_CRASH_CHILD_DIR";
@@ -92,12 +93,9 @@ fn crash_child() {
                     store.durable(&receipt).await.expect("durable");
                     let mut out = std::io::stdout().lock();
                     for (item, result) in items.iter().zip(&receipt.results) {
-                        if let (
-                            Item::Write { keyspace, key, .. },
-                            ItemResult::Written { seq, hlc, .. },
-                        ) = (item, result)
-                        {
-                            if *seq > 0 {
+                        let Item { keyspace, key, .. } = item;
+                        if let Some(Stamp { seq, hlc }) = result.write {
+                            if seq > 0 {
                                 writeln!(out, "ACK {seq} {} {} {key}", hlc.as_u64(), keyspace.name)
                                     .expect("stdout");
                             }

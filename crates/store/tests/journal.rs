@@ -13,7 +13,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use concord_core::{Clock, CrdtType, Intent};
+use concord_core::crdt::{CounterCommand, RegisterCommand};
+use concord_core::{Clock, Command, CrdtType};
 use concord_store::{journal, Durability, Store, StoreError, StoreOptions};
 
 /// Options that keep sled's own flush out of the way (the tests do not
@@ -90,7 +91,10 @@ fn copy_dir(from: &Path, to: &Path) {
 async fn write_frames(store: &Store, clock: &Clock, increments: i64, peer: &Store) {
     for by in 1..=increments {
         let receipt = store
-            .write(clock, &[write("k", Intent::CounterAdd(by))])
+            .write(
+                clock,
+                &[write("k", Command::Counter(CounterCommand::Add(by)))],
+            )
             .expect("write");
         store.durable(&receipt).await.expect("durable");
     }
@@ -167,7 +171,10 @@ async fn writes_sled_lost_are_replayed_from_the_journal() {
     // And the region goes on numbering its writes after the replayed ones.
     let (_t, clock) = manual_clock();
     let receipt = again
-        .write(&clock, &[write("k", Intent::CounterAdd(1))])
+        .write(
+            &clock,
+            &[write("k", Command::Counter(CounterCommand::Add(1)))],
+        )
         .expect("write");
     assert_eq!(receipt.last_seq, 15);
 }
@@ -206,7 +213,7 @@ async fn a_torn_frame_before_the_prepared_next_segment_is_cut_off() {
     // 45 writes of 1,000 bytes take the 64 KiB first segment past half
     // its size (the next one is then prepared) and do not fill it.
     let items = (1..=45u8)
-        .map(|i| write("r", Intent::RegisterSet(vec![i; 1000])))
+        .map(|i| write("r", Command::Register(RegisterCommand::Set(vec![i; 1000]))))
         .collect();
     let (lost, _) = staged_items(root.path(), items).await;
     let mut found = segments(&lost);
@@ -255,7 +262,10 @@ async fn segments_are_made_at_full_size_and_double() {
         let receipt = store
             .write(
                 &clock,
-                &[write(&format!("k{i}"), Intent::RegisterSet(vec![7; 1000]))],
+                &[write(
+                    &format!("k{i}"),
+                    Command::Register(RegisterCommand::Set(vec![7; 1000])),
+                )],
             )
             .expect("write");
         store.durable(&receipt).await.expect("durable");
@@ -283,7 +293,7 @@ async fn segments_are_made_at_full_size_and_double() {
 /// [`staged`] without the peer's batch: increments of `k` by 1, 2, ...
 async fn staged_increments_only(root: &Path, increments: i64) -> (PathBuf, Dump) {
     let items = (1..=increments)
-        .map(|by| write("k", Intent::CounterAdd(by)))
+        .map(|by| write("k", Command::Counter(CounterCommand::Add(by))))
         .collect();
     staged_items(root, items).await
 }
@@ -303,8 +313,11 @@ async fn staged_items(root: &Path, items: Vec<concord_store::Item>) -> (PathBuf,
 async fn writes_over_a_limit_lowered_since_are_still_replayed() {
     let root = tempfile::tempdir().expect("tempdir");
     let value = vec![7u8; 200];
-    let (lost, expected) =
-        staged_items(root.path(), vec![write("r", Intent::RegisterSet(value))]).await;
+    let (lost, expected) = staged_items(
+        root.path(),
+        vec![write("r", Command::Register(RegisterCommand::Set(value)))],
+    )
+    .await;
     let mut lowered = options();
     lowered.limits.max_value_bytes = 16;
     let store = open_as(&lost, 1, lowered);
@@ -377,7 +390,10 @@ async fn full_segments_are_checkpointed_away() {
     // About 60 bytes a frame: 2,000 frames fill some 30 segments.
     for by in 1..=2_000 {
         let receipt = store
-            .write(&clock, &[write("k", Intent::CounterAdd(by))])
+            .write(
+                &clock,
+                &[write("k", Command::Counter(CounterCommand::Add(by)))],
+            )
             .expect("write");
         store.durable(&receipt).await.expect("durable");
     }
@@ -407,7 +423,10 @@ fn writes_from_a_thread_without_a_runtime_start_checkpoints() {
         declare_all(&writer, &clock);
         for by in 1..=500 {
             writer
-                .write(&clock, &[write("k", Intent::CounterAdd(by))])
+                .write(
+                    &clock,
+                    &[write("k", Command::Counter(CounterCommand::Add(by)))],
+                )
                 .expect("write");
         }
     })
@@ -431,7 +450,10 @@ fn peer_batches_nobody_waits_for_are_written_out_past_the_pending_limit() {
     for i in 0..300 {
         peer.write(
             &clock,
-            &[write(&format!("r{i}"), Intent::RegisterSet(value.clone()))],
+            &[write(
+                &format!("r{i}"),
+                Command::Register(RegisterCommand::Set(value.clone())),
+            )],
         )
         .expect("peer write");
     }
@@ -553,7 +575,12 @@ fn a_commit_larger_than_a_replay_chunk_is_logged_once_after_the_replay() {
         let batches: Vec<Vec<concord_store::Item>> = (0..3)
             .map(|b| {
                 (0..400)
-                    .map(|i| write(&format!("k{b}-{i}"), Intent::CounterAdd(1)))
+                    .map(|i| {
+                        write(
+                            &format!("k{b}-{i}"),
+                            Command::Counter(CounterCommand::Add(1)),
+                        )
+                    })
                     .collect()
             })
             .collect();

@@ -9,11 +9,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use concord_core::clock::{ManualTime, HLC_EPOCH_UNIX_MS};
-use concord_core::crdt::{Field, Intent, Stream, StreamId};
-use concord_core::{
-    Clock, CrdtType, Delta, Hlc, KeyspaceId, Limits, Op, ReplicaId, Value, VersionVector,
+use concord_core::crdt::{
+    CounterCommand, Field, RegisterCommand, SetCommand, Stream, StreamCommand, StreamId,
 };
-use concord_store::{Identity, Item, ItemResult, Store, StoreError, StoreOptions};
+use concord_core::{
+    Clock, Command, CrdtType, Delta, Hlc, KeyspaceId, Limits, Op, ReplicaId, Value, VersionVector,
+};
+use concord_store::{Identity, Item, Store, StoreError, StoreOptions};
 use proptest::prelude::*;
 
 const ME: ReplicaId = ReplicaId(1);
@@ -29,9 +31,9 @@ const KEYSPACES: [(&str, CrdtType); 4] = [
 #[derive(Debug, Clone)]
 enum Step {
     /// A local batch of writes (and reads).
-    Local(Vec<(usize, Intent)>),
+    Local(Vec<(usize, Command)>),
     /// The peer makes writes (kept in its log, not yet delivered).
-    PeerWrites(Vec<(usize, Intent)>),
+    PeerWrites(Vec<(usize, Command)>),
     /// Deliver up to n more peer deltas, redelivering `dups` before them.
     Deliver { n: usize, dups: usize },
     /// Deliver a batch that skips one delta: must be refused whole.
@@ -40,20 +42,35 @@ enum Step {
     Reboot,
 }
 
-fn intent() -> impl Strategy<Value = Intent> {
+fn write() -> impl Strategy<Value = Command> {
     let member = (0u8..5).prop_map(|m| vec![b'a' + m]);
     prop_oneof![
-        (-100i64..100).prop_map(Intent::CounterAdd),
-        prop::collection::vec(member.clone(), 1..3).prop_map(Intent::SetAdd),
-        prop::collection::vec(member, 1..3).prop_map(Intent::SetRemove),
-        any::<u8>().prop_map(|v| Intent::RegisterSet(vec![v])),
-        any::<u8>().prop_map(|v| Intent::StreamAppend(vec![Field::new("f", vec![v])])),
-        Just(Intent::StreamTrim(StreamId::MIN)),
+        (-100i64..100).prop_map(|n| Command::Counter(CounterCommand::Add(n))),
+        prop::collection::vec(member.clone(), 1..3).prop_map(|m| Command::Set(SetCommand::Add(m))),
+        prop::collection::vec(member, 1..3).prop_map(|m| Command::Set(SetCommand::Remove(m))),
+        any::<u8>().prop_map(|v| Command::Register(RegisterCommand::Set(vec![v]))),
+        any::<u8>()
+            .prop_map(|v| Command::Stream(StreamCommand::Append(vec![Field::new("f", vec![v])]))),
+        Just(Command::Stream(StreamCommand::Trim(StreamId::MIN))),
     ]
 }
 
-fn writes() -> impl Strategy<Value = Vec<(usize, Intent)>> {
-    prop::collection::vec((0usize..2, intent()), 1..5)
+fn writes() -> impl Strategy<Value = Vec<(usize, Command)>> {
+    prop::collection::vec((0usize..2, write()), 1..5)
+}
+
+/// The read of a whole value of type `ty`.
+fn read_of(ty: CrdtType) -> Command {
+    match ty {
+        CrdtType::Counter => Command::Counter(CounterCommand::Get),
+        CrdtType::Set => Command::Set(SetCommand::Members),
+        CrdtType::Register => Command::Register(RegisterCommand::Get),
+        CrdtType::Stream => Command::Stream(StreamCommand::Range {
+            from: StreamId::MIN,
+            to: StreamId::MAX,
+            count: 10_000,
+        }),
+    }
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -66,8 +83,8 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-fn ks_of(intent: &Intent) -> KeyspaceId {
-    let ty = intent.crdt_type();
+fn ks_of(command: &Command) -> KeyspaceId {
+    let ty = command.crdt_type();
     let name = KEYSPACES.iter().find(|(_, t)| *t == ty).expect("type").0;
     KeyspaceId {
         name: name.to_string(),
@@ -76,16 +93,16 @@ fn ks_of(intent: &Intent) -> KeyspaceId {
 }
 
 /// A trim picks the middle of what the writer sees, so it removes something.
-fn concrete(intent: &Intent, stream: &Stream) -> Intent {
-    match intent {
-        Intent::StreamTrim(_) => {
+fn concrete(command: &Command, stream: &Stream) -> Command {
+    match command {
+        Command::Stream(StreamCommand::Trim(_)) => {
             let entries: Vec<StreamId> = stream.entries().map(|(id, _)| id).collect();
-            Intent::StreamTrim(
+            Command::Stream(StreamCommand::Trim(
                 entries
                     .get(entries.len() / 2)
                     .copied()
                     .unwrap_or(StreamId::MIN),
-            )
+            ))
         }
         other => other.clone(),
     }
@@ -126,12 +143,11 @@ impl Model {
         hlc: Hlc,
         ks: &KeyspaceId,
         key: &str,
-        intent: &Intent,
+        command: &Command,
     ) -> Option<Delta> {
-        let op = self
-            .value(ks, key)
-            .prepare(origin, hlc, intent, &Limits::default())
-            .expect("valid intent")?;
+        let op = command
+            .prepare(&self.value(ks, key), origin, hlc, &Limits::default())
+            .expect("valid command")?;
         let d = Delta {
             origin,
             seq: self.vv.get(origin) + 1,
@@ -227,38 +243,34 @@ proptest! {
                     // must see the batch's writes up to it.
                     let items: Vec<Item> = writes
                         .iter()
-                        .flat_map(|(k, intent)| {
-                            let ks = ks_of(intent);
+                        .flat_map(|(k, command)| {
+                            let ks = ks_of(command);
                             let key = format!("k{k}");
-                            let intent = concrete(intent, &model.stream(&ks, &key));
-                            let read = Item::Get { keyspace: ks.clone(), key: key.clone() };
-                            [Item::Write { keyspace: ks, key, intent }, read]
+                            let command = concrete(command, &model.stream(&ks, &key));
+                            let read = Item::new(ks.clone(), key.clone(), read_of(ks.ty));
+                            [Item::new(ks, key, command), read]
                         })
                         .collect();
                     let receipt = store.write(&clock, &items).expect("write");
                     for (pair, results) in items.chunks(2).zip(receipt.results.chunks(2)) {
-                        let (Item::Write { keyspace, key, intent }, ItemResult::Written { seq, hlc, .. }) = (&pair[0], &results[0]) else {
-                            prop_assert!(false, "unexpected result {results:?}");
-                            unreachable!()
-                        };
-                        let made = model.make(ME, *hlc, keyspace, key, intent);
-                        prop_assert_eq!(made.map(|d| d.seq).unwrap_or(0), *seq);
-                        let ItemResult::Value(read) = &results[1] else {
-                            prop_assert!(false, "unexpected result {results:?}");
-                            unreachable!()
-                        };
-                        if keyspace.ty != CrdtType::Stream {
-                            prop_assert_eq!(read, &model.value(keyspace, key));
-                        }
+                        let Item { keyspace, key, command } = &pair[0];
+                        let stamp = results[0].write.expect("a write is stamped");
+                        let made = model.make(ME, stamp.hlc, keyspace, key, command);
+                        prop_assert_eq!(made.map(|d| d.seq).unwrap_or(0), stamp.seq);
+                        let want = pair[1]
+                            .command
+                            .reply(&model.value(keyspace, key), ME, None)
+                            .expect("the model's reply");
+                        prop_assert_eq!(&results[1].reply, &want);
                     }
                 }
                 Step::PeerWrites(writes) => {
-                    for (k, intent) in writes {
-                        let ks = ks_of(&intent);
+                    for (k, command) in writes {
+                        let ks = ks_of(&command);
                         let key = format!("k{k}");
-                        let intent = concrete(&intent, &peer.stream(&ks, &key));
+                        let command = concrete(&command, &peer.stream(&ks, &key));
                         let hlc = peer_clock.now().expect("clock");
-                        peer.make(PEER, hlc, &ks, &key, &intent);
+                        peer.make(PEER, hlc, &ks, &key, &command);
                     }
                 }
                 Step::Deliver { n, dups } => {

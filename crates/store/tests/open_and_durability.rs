@@ -5,7 +5,8 @@ mod common;
 use std::sync::Arc;
 
 use concord_core::clock::{ManualTime, HLC_EPOCH_UNIX_MS};
-use concord_core::{Clock, CrdtType, Hlc, Intent, KeyspaceId, ReplicaId, Value};
+use concord_core::crdt::{CounterCommand, SetCommand};
+use concord_core::{Clock, Command, CrdtType, Hlc, KeyspaceId, ReplicaId, Value};
 use concord_store::{Durability, Identity, Item, Store, StoreError, StoreOptions};
 
 fn identity(region: &str, replica: u32) -> Identity {
@@ -195,15 +196,15 @@ fn writes_to_undeclared_keyspaces_and_bad_keys_change_nothing() {
         .write(
             &clock,
             &[
-                Item::Write {
+                Item {
                     keyspace: counter(),
                     key: "k".into(),
-                    intent: Intent::CounterAdd(5),
+                    command: Command::Counter(CounterCommand::Add(5)),
                 },
-                Item::Write {
+                Item {
                     keyspace: counter(),
                     key: "k".into(),
-                    intent: Intent::SetAdd(vec![b"x".to_vec()]),
+                    command: Command::Set(SetCommand::Add(vec![b"x".to_vec()])),
                 },
             ],
         )
@@ -223,10 +224,10 @@ fn incr_result(
 ) -> Result<concord_store::WriteReceipt, StoreError> {
     store.write(
         clock,
-        &[Item::Write {
+        &[Item {
             keyspace: counter(),
             key: key.into(),
-            intent: Intent::CounterAdd(1),
+            command: Command::Counter(CounterCommand::Add(1)),
         }],
     )
 }
@@ -249,10 +250,10 @@ async fn group_commit_shares_one_flush_among_the_batches_of_a_write_many() {
     store.durable(&declared).await.expect("durable");
     let before = store.flush_count();
 
-    let batch = [Item::Write {
+    let batch = [Item {
         keyspace: counter(),
         key: "k".into(),
-        intent: Intent::CounterAdd(1),
+        command: Command::Counter(CounterCommand::Add(1)),
     }];
     let batches: Vec<&[Item]> = (0..64).map(|_| &batch[..]).collect();
     let receipts = store.write_many(&clock, &batches);
@@ -385,10 +386,10 @@ fn a_corrupted_set_member_is_reported_and_left_alone() {
         name: "tags".into(),
         ty: CrdtType::Set,
     };
-    let add = |member: &[u8]| Item::Write {
+    let add = |member: &[u8]| Item {
         keyspace: set.clone(),
         key: "k".into(),
-        intent: Intent::SetAdd(vec![member.to_vec()]),
+        command: Command::Set(SetCommand::Add(vec![member.to_vec()])),
     };
     {
         let store =
@@ -430,19 +431,21 @@ fn a_range_read_of_a_set_is_a_type_mismatch() {
         name: "tags".into(),
         ty: CrdtType::Set,
     };
-    let add = Item::Write {
+    let add = Item {
         keyspace: set.clone(),
         key: "k".into(),
-        intent: Intent::SetAdd(vec![b"a".to_vec()]),
+        command: Command::Set(SetCommand::Add(vec![b"a".to_vec()])),
     };
     store.write(&clock, &[add]).expect("write");
-    let range = Item::StreamRange {
-        keyspace: set,
-        key: "k".into(),
-        from: concord_core::crdt::StreamId::MIN,
-        to: concord_core::crdt::StreamId::MAX,
-        count: 10,
-    };
+    let range = Item::new(
+        set,
+        "k",
+        Command::Stream(concord_core::crdt::StreamCommand::Range {
+            from: concord_core::crdt::StreamId::MIN,
+            to: concord_core::crdt::StreamId::MAX,
+            count: 10,
+        }),
+    );
     let err = store.write(&clock, &[range]).expect_err("mismatch");
     assert!(
         matches!(

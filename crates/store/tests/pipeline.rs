@@ -9,7 +9,8 @@ mod common;
 
 use common::{declare_all, dump, ks, manual_clock, open_as, random_write, tail, write, T0};
 use concord_core::crdt::Field;
-use concord_core::{Clock, CrdtType, Hlc, Intent, ReplicaId, Value};
+use concord_core::crdt::{CounterCommand, RegisterCommand, SetCommand, StreamCommand};
+use concord_core::{Clock, Command, CrdtType, Hlc, ReplicaId, Value};
 use concord_store::{Item, Store, StoreOptions, WriteReceipt};
 
 const ME: ReplicaId = ReplicaId(1);
@@ -27,12 +28,15 @@ fn peer_write(rng: &mut fastrand::Rng, peer: &Store) -> Item {
         return random_write(rng, peer);
     }
     let key = format!("p{}", rng.u8(0..3));
-    let intent = match rng.u8(0..3) {
-        0 => Intent::CounterAdd(rng.i64(1..10)),
-        1 => Intent::SetAdd(vec![vec![b'a' + rng.u8(0..4)]]),
-        _ => Intent::StreamAppend(vec![Field::new("v", vec![rng.u8(..)])]),
+    let command = match rng.u8(0..3) {
+        0 => Command::Counter(CounterCommand::Add(rng.i64(1..10))),
+        1 => Command::Set(SetCommand::Add(vec![vec![b'a' + rng.u8(0..4)]])),
+        _ => Command::Stream(StreamCommand::Append(vec![Field::new(
+            "v",
+            vec![rng.u8(..)],
+        )])),
     };
-    write(&key, intent)
+    write(&key, command)
 }
 
 /// Stages one batch of one item.
@@ -150,28 +154,46 @@ fn a_peer_batch_is_read_while_a_local_commit_waits_for_its_journal_write() {
     tail(&peer, &store, &clock);
     let declared = store.applied(ME).expect("applied");
 
-    let local = stage_one(&store, &clock, write("mine", Intent::CounterAdd(5)));
+    let local = stage_one(
+        &store,
+        &clock,
+        write("mine", Command::Counter(CounterCommand::Add(5))),
+    );
     assert_eq!(counter(&store, "mine"), 0, "read before it is durable");
     assert_eq!(store.applied(ME).expect("applied"), declared);
 
-    peer.write(&peer_clock, &[write("theirs", Intent::CounterAdd(7))])
-        .expect("peer");
+    peer.write(
+        &peer_clock,
+        &[write("theirs", Command::Counter(CounterCommand::Add(7)))],
+    )
+    .expect("peer");
     tail(&peer, &store, &clock);
     assert_eq!(counter(&store, "theirs"), 7, "the peer's batch waited");
     assert_eq!(counter(&store, "mine"), 0, "the peer's batch wrote it out");
 
     // A peer's batch on the same key waits for the queued commit: both
     // are in the value after it.
-    peer.write(&peer_clock, &[write("mine", Intent::CounterAdd(2))])
-        .expect("peer");
+    peer.write(
+        &peer_clock,
+        &[write("mine", Command::Counter(CounterCommand::Add(2)))],
+    )
+    .expect("peer");
     tail(&peer, &store, &clock);
     assert_eq!(counter(&store, "mine"), 7);
     rt.block_on(store.durable(&local)).expect("durable");
     assert_eq!(store.applied(ME).expect("applied"), local.last_seq);
 
     // A local commit that reads a queued one's record sees it.
-    let first = stage_one(&store, &clock, write("again", Intent::CounterAdd(1)));
-    let second = stage_one(&store, &clock, write("again", Intent::CounterAdd(1)));
+    let first = stage_one(
+        &store,
+        &clock,
+        write("again", Command::Counter(CounterCommand::Add(1))),
+    );
+    let second = stage_one(
+        &store,
+        &clock,
+        write("again", Command::Counter(CounterCommand::Add(1))),
+    );
     rt.block_on(store.durable(&second)).expect("durable");
     assert!(first.last_seq < second.last_seq);
     assert_eq!(counter(&store, "again"), 2);
@@ -189,7 +211,11 @@ fn a_store_closed_with_a_commit_queued_opens_without_it() {
     let store = open_as(dir.path(), 1, StoreOptions::default());
     declare_all(&store, &clock);
     let durable = store.applied(ME).expect("applied");
-    let queued = stage_one(&store, &clock, write("k", Intent::CounterAdd(5)));
+    let queued = stage_one(
+        &store,
+        &clock,
+        write("k", Command::Counter(CounterCommand::Add(5))),
+    );
     assert_eq!(queued.last_seq, durable + 1);
     drop(store);
 
@@ -197,7 +223,10 @@ fn a_store_closed_with_a_commit_queued_opens_without_it() {
     assert_eq!(store.applied(ME).expect("applied"), durable);
     assert_eq!(counter(&store, "k"), 0);
     let again = store
-        .write(&clock, &[write("k", Intent::CounterAdd(3))])
+        .write(
+            &clock,
+            &[write("k", Command::Counter(CounterCommand::Add(3)))],
+        )
         .expect("write");
     assert_eq!(again.last_seq, durable + 1, "its seq is free again");
     assert_eq!(counter(&store, "k"), 3);
@@ -228,9 +257,15 @@ fn commits_staged_while_others_are_written_out_read_no_stale_record() {
     for n in 0..4000u32 {
         let key = format!("k{}", rng.u8(0..2));
         let item = match rng.u8(0..3) {
-            0 => write(&key, Intent::SetAdd(vec![n.to_le_bytes().to_vec()])),
-            1 => write(&key, Intent::CounterAdd(1)),
-            _ => write(&key, Intent::RegisterSet(n.to_le_bytes().to_vec())),
+            0 => write(
+                &key,
+                Command::Set(SetCommand::Add(vec![n.to_le_bytes().to_vec()])),
+            ),
+            1 => write(&key, Command::Counter(CounterCommand::Add(1))),
+            _ => write(
+                &key,
+                Command::Register(RegisterCommand::Set(n.to_le_bytes().to_vec())),
+            ),
         };
         stage_one(&store, &clock, item);
     }

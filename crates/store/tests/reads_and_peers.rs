@@ -4,11 +4,13 @@
 use std::sync::Arc;
 
 use concord_core::clock::{ManualTime, HLC_EPOCH_UNIX_MS};
+use concord_core::crdt::{CounterCommand, StreamCommand};
 use concord_core::crdt::{CounterOp, Direction, Field, StreamId};
 use concord_core::{
-    Clock, CrdtType, Delta, Hlc, Intent, KeyspaceId, Limits, Op, ReplicaId, Value, VersionVector,
+    Clock, Command, CrdtType, Delta, Hlc, KeyspaceId, Limits, Op, ReplicaId, Value, VersionVector,
 };
-use concord_store::{Identity, Item, ItemResult, Store, StoreError, StoreOptions};
+use concord_core::{Outcome, Reply};
+use concord_store::{Identity, Item, Store, StoreError, StoreOptions};
 
 const ME: ReplicaId = ReplicaId(1);
 const PEER: ReplicaId = ReplicaId(2);
@@ -42,20 +44,22 @@ fn ks(name: &str, ty: CrdtType) -> KeyspaceId {
 }
 
 fn append(v: &str) -> Item {
-    Item::Write {
+    Item {
         keyspace: ks("events", CrdtType::Stream),
         key: "s".into(),
-        intent: Intent::StreamAppend(vec![Field::new("v", v)]),
+        command: Command::Stream(StreamCommand::Append(vec![Field::new("v", v)])),
     }
 }
 
 fn range() -> Item {
-    Item::StreamRange {
+    Item {
         keyspace: ks("events", CrdtType::Stream),
         key: "s".into(),
-        from: StreamId::MIN,
-        to: StreamId::MAX,
-        count: 100,
+        command: Command::Stream(StreamCommand::Range {
+            from: StreamId::MIN,
+            to: StreamId::MAX,
+            count: 100,
+        }),
     }
 }
 
@@ -69,9 +73,9 @@ fn declare_both(store: &Store, clock: &Clock) {
         .expect("declare");
 }
 
-fn values(result: &ItemResult) -> Vec<Vec<u8>> {
-    match result {
-        ItemResult::Entries(entries) => entries.iter().map(|e| e.fields[0].value.clone()).collect(),
+fn values(result: &Outcome) -> Vec<Vec<u8>> {
+    match &result.reply {
+        Reply::Entries(entries) => entries.iter().map(|e| e.fields[0].value.clone()).collect(),
         other => panic!("not entries: {other:?}"),
     }
 }
@@ -99,10 +103,10 @@ fn reads_in_a_batch_see_the_writes_before_them() {
     let first = store
         .write(&clock, &[append("a"), append("b"), append("c")])
         .expect("write");
-    let ItemResult::Written { hlc: b_hlc, .. } = first.results[1] else {
-        panic!("not a write")
+    let Reply::Appended(b) = first.results[1].reply else {
+        panic!("not an append")
     };
-    let b = StreamId::new(b_hlc, ME);
+    assert_eq!(b.replica, ME);
     let counter = ks("hits", CrdtType::Counter);
     let receipt = store
         .write(
@@ -110,36 +114,32 @@ fn reads_in_a_batch_see_the_writes_before_them() {
             &[
                 append("d"),
                 range(),
-                Item::Write {
+                Item {
                     keyspace: ks("events", CrdtType::Stream),
                     key: "s".into(),
-                    intent: Intent::StreamTrim(b),
+                    command: Command::Stream(StreamCommand::Trim(b)),
                 },
                 range(),
-                Item::Get {
+                Item::new(counter.clone(), "k", Command::Counter(CounterCommand::Get)),
+                Item {
                     keyspace: counter.clone(),
                     key: "k".into(),
+                    command: Command::Counter(CounterCommand::Add(5)),
                 },
-                Item::Write {
-                    keyspace: counter.clone(),
-                    key: "k".into(),
-                    intent: Intent::CounterAdd(5),
-                },
-                Item::Get {
-                    keyspace: counter.clone(),
-                    key: "k".into(),
-                },
+                Item::new(counter.clone(), "k", Command::Counter(CounterCommand::Get)),
             ],
         )
         .expect("write");
     let r = &receipt.results;
     assert_eq!(values(&r[1]), [b"a", b"b", b"c", b"d"].map(|v| v.to_vec()));
     assert_eq!(values(&r[3]), [b"b", b"c", b"d"].map(|v| v.to_vec()));
-    assert_eq!(r[4], ItemResult::Value(Value::empty(CrdtType::Counter)));
-    match &r[6] {
-        ItemResult::Value(Value::Counter(c)) => assert_eq!(c.value(), 5),
-        other => panic!("unexpected {other:?}"),
-    }
+    assert_eq!(r[4].reply, Reply::Counter(0));
+    assert_eq!(
+        r[5].reply,
+        Reply::Counter(5),
+        "an increment answers the value after"
+    );
+    assert_eq!(r[6].reply, Reply::Counter(5));
     // What the batch read last is what is committed, and the trimmed row is
     // gone from disk, not only hidden.
     let stored = store
@@ -167,15 +167,15 @@ fn a_keyspace_scans_in_bounded_chunks() {
         .declare(&clock, "hits2", CrdtType::Counter)
         .expect("declare");
     let items: Vec<Item> = (0..25)
-        .map(|i| Item::Write {
+        .map(|i| Item {
             keyspace: ks("hits", CrdtType::Counter),
             key: format!("key{i:02}"),
-            intent: Intent::CounterAdd(i),
+            command: Command::Counter(CounterCommand::Add(i)),
         })
-        .chain(std::iter::once(Item::Write {
+        .chain(std::iter::once(Item {
             keyspace: ks("hits2", CrdtType::Counter),
             key: "other".into(),
-            intent: Intent::CounterAdd(1),
+            command: Command::Counter(CounterCommand::Add(1)),
         }))
         .collect();
     store.write(&clock, &items).expect("write");

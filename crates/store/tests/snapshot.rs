@@ -7,8 +7,9 @@
 mod common;
 
 use common::*;
+use concord_core::crdt::CounterCommand;
 use concord_core::crdt::{CounterOp, Direction, Field, StreamId};
-use concord_core::{Clock, CrdtType, Delta, Hlc, Intent, Op, ReplicaId, Value, VersionVector};
+use concord_core::{Clock, Command, CrdtType, Delta, Hlc, Op, ReplicaId, Value, VersionVector};
 use concord_store::{SnapshotChunk, SnapshotValue, Store, StoreError, StoreOptions};
 
 const ME: ReplicaId = ReplicaId(1);
@@ -210,23 +211,29 @@ fn a_snapshot_holding_this_regions_lost_writes_moves_its_seq_past_them() {
     let old = open_as(a_dir.path(), 1, StoreOptions::default());
     declare_all(&old, &clock);
     for i in 0..5 {
-        old.write(&clock, &[write("k", Intent::CounterAdd(i))])
-            .expect("write");
+        old.write(
+            &clock,
+            &[write("k", Command::Counter(CounterCommand::Add(i)))],
+        )
+        .expect("write");
     }
     let (covers, chunks) = export(&old, 1 << 20);
     let fresh = open_as(b_dir.path(), 1, StoreOptions::default());
     import(&fresh, &covers, &chunks, &clock);
     time.advance(5);
     let receipt = fresh
-        .write(&clock, &[write("k", Intent::CounterAdd(100))])
+        .write(
+            &clock,
+            &[write("k", Command::Counter(CounterCommand::Add(100)))],
+        )
         .expect("write");
-    match &receipt.results[0] {
-        concord_store::ItemResult::Written { seq, value, .. } => {
-            assert_eq!(*seq, covers.get(ME) + 1, "no seq is reused");
-            assert!(matches!(value, Value::Counter(c) if c.value() == 110));
-        }
-        other => panic!("{other:?}"),
-    }
+    let outcome = &receipt.results[0];
+    assert_eq!(
+        outcome.write.map(|w| w.seq),
+        Some(covers.get(ME) + 1),
+        "no seq is reused"
+    );
+    assert_eq!(outcome.reply, concord_core::Reply::Counter(110));
 }
 
 #[test]

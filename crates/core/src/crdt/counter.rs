@@ -12,6 +12,7 @@ use crdts::{CmRDT, CvRDT, Dot, PNCounter};
 use serde::{Deserialize, Serialize};
 
 use super::Crdt;
+use crate::command::Reply;
 use crate::error::{CoreError, Result};
 use crate::ReplicaId;
 
@@ -91,6 +92,93 @@ impl Counter {
             dot: Dot::new(origin, op.total),
             dir,
         });
+    }
+}
+
+/// What a client asks of a counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterCommand {
+    /// Add a signed amount (negative subtracts); answers the value after.
+    Add(i64),
+    /// Read the value.
+    Get,
+}
+
+impl CounterCommand {
+    /// True for [`CounterCommand::Add`].
+    pub fn is_write(&self) -> bool {
+        matches!(self, CounterCommand::Add(_))
+    }
+
+    pub(crate) fn prepare(
+        &self,
+        counter: &Counter,
+        origin: ReplicaId,
+    ) -> Result<Option<CounterOp>> {
+        match *self {
+            CounterCommand::Add(n) => counter.prepare_add(origin, n).map(Some),
+            CounterCommand::Get => Ok(None),
+        }
+    }
+
+    pub(crate) fn reply(&self, counter: &Counter) -> Result<Reply> {
+        Ok(Reply::Counter(counter.value_i64()?))
+    }
+}
+
+impl Counter {
+    /// The value as the API gives it: refused with
+    /// [`CoreError::OutOfRange`] when the regions' increments together
+    /// leave the signed 64-bit range.
+    pub fn value_i64(&self) -> Result<i64> {
+        let value = self.value();
+        i64::try_from(value).map_err(|_| CoreError::OutOfRange {
+            what: "counter value",
+            value,
+        })
+    }
+}
+
+#[cfg(feature = "proto")]
+mod wire {
+    use concord_proto::v1 as pb;
+    use pb::operation_result::Result as R;
+
+    use super::CounterCommand;
+    use crate::command::{unexpected, written, Command, Outcome, Reply, Request};
+    use crate::error::Result;
+
+    impl From<pb::CounterIncrementRequest> for Request {
+        fn from(r: pb::CounterIncrementRequest) -> Self {
+            Request::new(
+                r.keyspace,
+                r.key,
+                Command::Counter(CounterCommand::Add(r.delta)),
+            )
+        }
+    }
+
+    impl From<pb::CounterGetRequest> for Request {
+        fn from(r: pb::CounterGetRequest) -> Self {
+            Request::new(r.keyspace, r.key, Command::Counter(CounterCommand::Get))
+        }
+    }
+
+    impl CounterCommand {
+        pub(crate) fn result(&self, outcome: Outcome) -> Result<R> {
+            Ok(match (self, outcome.reply) {
+                (CounterCommand::Add(_), Reply::Counter(value)) => {
+                    R::CounterIncrement(pb::CounterIncrementResponse {
+                        value,
+                        write: Some(written(outcome.write)?),
+                    })
+                }
+                (CounterCommand::Get, Reply::Counter(value)) => {
+                    R::CounterGet(pb::CounterGetResponse { value })
+                }
+                (_, reply) => return Err(unexpected(self, &reply)),
+            })
+        }
     }
 }
 

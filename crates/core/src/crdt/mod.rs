@@ -8,9 +8,9 @@
 //! | stream | append-only log ordered by (HLC, replica), max-wins trim | [`stream`] |
 //!
 //! Every type is both state-based (full states merge with [`Crdt::merge`],
-//! used for snapshots) and operation-based (a local write prepares an
-//! operation from the current state; the operation travels in a
-//! [`Delta`](crate::Delta) and is applied in every region).
+//! used for snapshots) and operation-based (a client's command prepares an
+//! operation from the current state, see [`crate::command`]; the operation
+//! travels in a [`Delta`](crate::Delta) and is applied in every region).
 //!
 //! Operations are applied exactly once per `(origin, seq)` and in per-origin
 //! order; the replication layer guarantees both. They are nevertheless
@@ -31,10 +31,10 @@ use crate::error::{CoreError, Result};
 use crate::limits::Limits;
 use crate::{Hlc, ReplicaId};
 
-pub use counter::{Counter, CounterOp, Direction};
-pub use register::{Register, RegisterOp};
-pub use set::{MemberDots, Set, SetHeader, SetOp};
-pub use stream::{Field, Stream, StreamEntry, StreamId, StreamOp};
+pub use counter::{Counter, CounterCommand, CounterOp, Direction};
+pub use register::{Register, RegisterCommand, RegisterOp};
+pub use set::{MemberDots, Set, SetCommand, SetHeader, SetOp};
+pub use stream::{Field, Stream, StreamCommand, StreamEntry, StreamId, StreamOp};
 
 /// A state-based CRDT: states form a join-semilattice under [`Crdt::merge`].
 ///
@@ -139,37 +139,6 @@ pub enum Op {
     Stream(StreamOp),
 }
 
-/// What a client asks a region to do to one key, before it becomes an
-/// [`Op`]: [`Value::prepare`] turns an intent into the operation that the
-/// region logs, applies and replicates.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Intent {
-    /// Add a signed amount to a counter.
-    CounterAdd(i64),
-    /// Add members to a set.
-    SetAdd(Vec<Vec<u8>>),
-    /// Remove members from a set.
-    SetRemove(Vec<Vec<u8>>),
-    /// Write a register.
-    RegisterSet(Vec<u8>),
-    /// Append an entry to a stream.
-    StreamAppend(Vec<Field>),
-    /// Trim a stream below an id.
-    StreamTrim(StreamId),
-}
-
-impl Intent {
-    /// The type of value the intent needs.
-    pub fn crdt_type(&self) -> CrdtType {
-        match self {
-            Intent::CounterAdd(_) => CrdtType::Counter,
-            Intent::SetAdd(_) | Intent::SetRemove(_) => CrdtType::Set,
-            Intent::RegisterSet(_) => CrdtType::Register,
-            Intent::StreamAppend(_) | Intent::StreamTrim(_) => CrdtType::Stream,
-        }
-    }
-}
-
 /// Version byte in front of every encoded value.
 const VALUE_FORMAT_V1: u8 = 1;
 
@@ -225,54 +194,6 @@ impl Value {
                 ),
             }),
         }
-    }
-
-    /// The operation by which region `origin`, at local time `now`, carries
-    /// out `intent` on this value; `None` when it would change nothing (a
-    /// remove of absent members). The operation is validated against
-    /// `limits`.
-    pub fn prepare(
-        &self,
-        origin: ReplicaId,
-        now: Hlc,
-        intent: &Intent,
-        limits: &Limits,
-    ) -> Result<Option<Op>> {
-        let op = match (self, intent) {
-            (Value::Counter(c), Intent::CounterAdd(n)) => Op::Counter(c.prepare_add(origin, *n)?),
-            (Value::Set(s), Intent::SetAdd(members)) => {
-                Op::Set(s.prepare_add(origin, members.clone()))
-            }
-            (Value::Set(s), Intent::SetRemove(members)) => {
-                // Validate what the client sent, even if nothing is present.
-                SetOp::Remove {
-                    observed: Default::default(),
-                    members: members.clone(),
-                }
-                .validate(limits)?;
-                match s.prepare_remove(members.clone()) {
-                    Some(op) => Op::Set(op),
-                    None => return Ok(None),
-                }
-            }
-            (Value::Register(_), Intent::RegisterSet(v)) => {
-                Op::Register(Register::prepare_set(v.clone()))
-            }
-            (Value::Stream(_), Intent::StreamAppend(fields)) => {
-                Op::Stream(Stream::prepare_append(fields.clone()))
-            }
-            (Value::Stream(_), Intent::StreamTrim(before)) => {
-                Op::Stream(Stream::prepare_trim(*before, now)?)
-            }
-            (v, intent) => {
-                return Err(CoreError::TypeMismatch {
-                    expected: v.crdt_type(),
-                    found: intent.crdt_type(),
-                })
-            }
-        };
-        op.validate(limits)?;
-        Ok(Some(op))
     }
 
     /// Joins another state of the same type into this one.

@@ -11,6 +11,7 @@ use crdts::LWWReg;
 use serde::{Deserialize, Serialize};
 
 use super::Crdt;
+use crate::command::Reply;
 use crate::error::Result;
 use crate::limits::Limits;
 use crate::{Hlc, Marker, ReplicaId};
@@ -60,6 +61,84 @@ impl Register {
                     reg.marker = marker;
                 }
             }
+        }
+    }
+}
+
+/// What a client asks of a register.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegisterCommand {
+    /// Write a value.
+    Set(Vec<u8>),
+    /// Read the value.
+    Get,
+}
+
+impl RegisterCommand {
+    /// True for [`RegisterCommand::Set`].
+    pub fn is_write(&self) -> bool {
+        matches!(self, RegisterCommand::Set(_))
+    }
+
+    pub(crate) fn prepare(&self) -> Option<RegisterOp> {
+        match self {
+            RegisterCommand::Set(value) => Some(Register::prepare_set(value.clone())),
+            RegisterCommand::Get => None,
+        }
+    }
+
+    pub(crate) fn reply(&self, register: &Register) -> Reply {
+        match self {
+            RegisterCommand::Set(_) => Reply::Done,
+            RegisterCommand::Get => Reply::Register(
+                register
+                    .get()
+                    .map(|(value, marker)| (value.to_vec(), marker)),
+            ),
+        }
+    }
+}
+
+#[cfg(feature = "proto")]
+mod wire {
+    use concord_proto::v1 as pb;
+    use pb::operation_result::Result as R;
+
+    use super::RegisterCommand;
+    use crate::command::{unexpected, written, Command, Outcome, Reply, Request};
+    use crate::error::Result;
+
+    impl From<pb::RegisterSetRequest> for Request {
+        fn from(r: pb::RegisterSetRequest) -> Self {
+            Request::new(
+                r.keyspace,
+                r.key,
+                Command::Register(RegisterCommand::Set(r.value)),
+            )
+        }
+    }
+
+    impl From<pb::RegisterGetRequest> for Request {
+        fn from(r: pb::RegisterGetRequest) -> Self {
+            Request::new(r.keyspace, r.key, Command::Register(RegisterCommand::Get))
+        }
+    }
+
+    impl RegisterCommand {
+        pub(crate) fn result(&self, outcome: Outcome) -> Result<R> {
+            Ok(match (self, outcome.reply) {
+                (RegisterCommand::Set(_), Reply::Done) => R::RegisterSet(written(outcome.write)?),
+                (RegisterCommand::Get, Reply::Register(found)) => R::RegisterGet(match found {
+                    None => pb::RegisterGetResponse::default(),
+                    Some((value, marker)) => pb::RegisterGetResponse {
+                        found: true,
+                        value,
+                        hlc: marker.hlc.as_u64(),
+                        replica: marker.replica.0,
+                    },
+                }),
+                (_, reply) => return Err(unexpected(self, &reply)),
+            })
         }
     }
 }

@@ -29,6 +29,7 @@ use crdts::{CmRDT, CvRDT, Dot, Orswot, VClock};
 use serde::{Deserialize, Serialize};
 
 use super::Crdt;
+use crate::command::{Access, Reply};
 use crate::error::{CoreError, Result};
 use crate::limits::Limits;
 use crate::ReplicaId;
@@ -78,7 +79,7 @@ const SET_HEADER_V1: u8 = 1;
 
 impl SetHeader {
     /// The members a slice must hold for an operation, or the preparation
-    /// of an intent, naming `named`: those, and every member of a deferred
+    /// of a command, naming `named`: those, and every member of a deferred
     /// remove (an add may release it).
     pub fn slice_members(&self, named: &[Vec<u8>]) -> BTreeSet<Vec<u8>> {
         let mut out: BTreeSet<Vec<u8>> = named.iter().cloned().collect();
@@ -280,6 +281,124 @@ impl Set {
             }
         }
         Ok(())
+    }
+}
+
+/// What a client asks of a set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetCommand {
+    /// Add members.
+    Add(Vec<Vec<u8>>),
+    /// Remove members: the adds of them this region has seen.
+    Remove(Vec<Vec<u8>>),
+    /// Read every member.
+    Members,
+    /// Test one member.
+    Contains(Vec<u8>),
+}
+
+impl SetCommand {
+    /// True for adds and removes.
+    pub fn is_write(&self) -> bool {
+        matches!(self, SetCommand::Add(_) | SetCommand::Remove(_))
+    }
+
+    /// A slice of the set for the members a command names, the whole set
+    /// to list them.
+    pub(crate) fn access(&self) -> Access<'_> {
+        match self {
+            SetCommand::Add(named) | SetCommand::Remove(named) => Access::Members(named),
+            SetCommand::Contains(member) => Access::Members(std::slice::from_ref(member)),
+            SetCommand::Members => Access::WholeSet,
+        }
+    }
+
+    pub(crate) fn prepare(
+        &self,
+        set: &Set,
+        origin: ReplicaId,
+        limits: &Limits,
+    ) -> Result<Option<SetOp>> {
+        match self {
+            SetCommand::Add(members) => Ok(Some(set.prepare_add(origin, members.clone()))),
+            SetCommand::Remove(members) => {
+                // What the client sent is validated even when none of it
+                // is present (and nothing is logged).
+                SetOp::Remove {
+                    observed: BTreeMap::new(),
+                    members: members.clone(),
+                }
+                .validate(limits)?;
+                Ok(set.prepare_remove(members.clone()))
+            }
+            SetCommand::Members | SetCommand::Contains(_) => Ok(None),
+        }
+    }
+
+    pub(crate) fn reply(&self, set: &Set) -> Reply {
+        match self {
+            SetCommand::Add(_) | SetCommand::Remove(_) => Reply::Done,
+            SetCommand::Members => Reply::Members(set.members()),
+            SetCommand::Contains(member) => Reply::Contains(set.contains(member)),
+        }
+    }
+}
+
+#[cfg(feature = "proto")]
+mod wire {
+    use concord_proto::v1 as pb;
+    use pb::operation_result::Result as R;
+
+    use super::SetCommand;
+    use crate::command::{unexpected, written, Command, Outcome, Reply, Request};
+    use crate::error::Result;
+
+    impl From<pb::SetAddRequest> for Request {
+        fn from(r: pb::SetAddRequest) -> Self {
+            Request::new(r.keyspace, r.key, Command::Set(SetCommand::Add(r.members)))
+        }
+    }
+
+    impl From<pb::SetRemoveRequest> for Request {
+        fn from(r: pb::SetRemoveRequest) -> Self {
+            Request::new(
+                r.keyspace,
+                r.key,
+                Command::Set(SetCommand::Remove(r.members)),
+            )
+        }
+    }
+
+    impl From<pb::SetMembersRequest> for Request {
+        fn from(r: pb::SetMembersRequest) -> Self {
+            Request::new(r.keyspace, r.key, Command::Set(SetCommand::Members))
+        }
+    }
+
+    impl From<pb::SetContainsRequest> for Request {
+        fn from(r: pb::SetContainsRequest) -> Self {
+            Request::new(
+                r.keyspace,
+                r.key,
+                Command::Set(SetCommand::Contains(r.member)),
+            )
+        }
+    }
+
+    impl SetCommand {
+        pub(crate) fn result(&self, outcome: Outcome) -> Result<R> {
+            Ok(match (self, outcome.reply) {
+                (SetCommand::Add(_), Reply::Done) => R::SetAdd(written(outcome.write)?),
+                (SetCommand::Remove(_), Reply::Done) => R::SetRemove(written(outcome.write)?),
+                (SetCommand::Members, Reply::Members(members)) => {
+                    R::SetMembers(pb::SetMembersResponse { members })
+                }
+                (SetCommand::Contains(_), Reply::Contains(contains)) => {
+                    R::SetContains(pb::SetContainsResponse { contains })
+                }
+                (_, reply) => return Err(unexpected(self, &reply)),
+            })
+        }
     }
 }
 

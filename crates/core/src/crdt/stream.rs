@@ -16,6 +16,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use super::Crdt;
+use crate::command::{Access, Reply, Stamp};
 use crate::error::{CoreError, Result};
 use crate::limits::Limits;
 use crate::{Hlc, ReplicaId};
@@ -287,6 +288,131 @@ impl Stream {
                 ),
             )),
             _ => Ok(()),
+        }
+    }
+}
+
+/// What a client asks of a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamCommand {
+    /// Append an entry; answers its id.
+    Append(Vec<Field>),
+    /// Read entries with `from <= id <= to`, at most `count` (0 asks for
+    /// the most [`Limits::max_range_entries`] allows; see
+    /// [`crate::Request::checked`]).
+    Range {
+        /// First id.
+        from: StreamId,
+        /// Last id.
+        to: StreamId,
+        /// Most entries.
+        count: usize,
+    },
+    /// Trim entries below an id.
+    Trim(StreamId),
+}
+
+impl StreamCommand {
+    /// True for appends and trims.
+    pub fn is_write(&self) -> bool {
+        matches!(self, StreamCommand::Append(_) | StreamCommand::Trim(_))
+    }
+
+    /// A range reads entries; the others only the watermark.
+    pub(crate) fn access(&self) -> Access<'_> {
+        match *self {
+            StreamCommand::Range { from, to, count } => Access::Range { from, to, count },
+            StreamCommand::Append(_) | StreamCommand::Trim(_) => Access::Value,
+        }
+    }
+
+    pub(crate) fn prepare(&self, now: Hlc) -> Result<Option<StreamOp>> {
+        match self {
+            StreamCommand::Append(fields) => Ok(Some(Stream::prepare_append(fields.clone()))),
+            StreamCommand::Trim(before) => Stream::prepare_trim(*before, now).map(Some),
+            StreamCommand::Range { .. } => Ok(None),
+        }
+    }
+
+    pub(crate) fn reply(
+        &self,
+        stream: &Stream,
+        origin: ReplicaId,
+        stamp: Option<Stamp>,
+    ) -> Result<Reply> {
+        Ok(match *self {
+            StreamCommand::Append(_) => {
+                let stamp = stamp.ok_or_else(|| CoreError::Bug("an append has no stamp".into()))?;
+                Reply::Appended(StreamId::new(stamp.hlc, origin))
+            }
+            StreamCommand::Range { from, to, count } => {
+                Reply::Entries(stream.range(from, to, count))
+            }
+            StreamCommand::Trim(_) => Reply::Done,
+        })
+    }
+}
+
+#[cfg(feature = "proto")]
+mod wire {
+    use concord_proto::v1 as pb;
+    use pb::operation_result::Result as R;
+
+    use super::{Field, StreamCommand, StreamId};
+    use crate::command::{unexpected, written, Command, Outcome, Reply, Request};
+    use crate::error::{CoreError, Result};
+
+    impl From<pb::StreamAppendRequest> for Request {
+        fn from(r: pb::StreamAppendRequest) -> Self {
+            let fields = r.fields.into_iter().map(Field::from).collect();
+            Request::new(
+                r.keyspace,
+                r.key,
+                Command::Stream(StreamCommand::Append(fields)),
+            )
+        }
+    }
+
+    impl From<pb::StreamRangeRequest> for Request {
+        fn from(r: pb::StreamRangeRequest) -> Self {
+            let range = StreamCommand::Range {
+                from: r.from.map_or(StreamId::MIN, StreamId::from),
+                to: r.to.map_or(StreamId::MAX, StreamId::from),
+                count: r.count as usize,
+            };
+            Request::new(r.keyspace, r.key, Command::Stream(range))
+        }
+    }
+
+    impl TryFrom<pb::StreamTrimRequest> for Request {
+        type Error = CoreError;
+
+        fn try_from(r: pb::StreamTrimRequest) -> Result<Self> {
+            let before = r
+                .before
+                .ok_or_else(|| CoreError::invalid("stream trim", "`before` is required"))?;
+            let trim = StreamCommand::Trim(before.into());
+            Ok(Request::new(r.keyspace, r.key, Command::Stream(trim)))
+        }
+    }
+
+    impl StreamCommand {
+        pub(crate) fn result(&self, outcome: Outcome) -> Result<R> {
+            Ok(match (self, outcome.reply) {
+                (StreamCommand::Append(_), Reply::Appended(id)) => {
+                    R::StreamAppend(pb::StreamAppendResponse {
+                        id: Some(id.into()),
+                        write: Some(written(outcome.write)?),
+                    })
+                }
+                (StreamCommand::Range { .. }, Reply::Entries(entries)) => {
+                    R::StreamRange(pb::StreamRangeResponse {
+                        entries: entries.into_iter().map(Into::into).collect(),
+                    })
+                }
+                (StreamCommand::Trim(_), Reply::Done) => R::StreamTrim(written(outcome.write)?),
+                (_, reply) => return Err(unexpected(self, &reply)),
+            })
         }
     }
 }

@@ -6,8 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use concord_core::clock::{ManualTime, HLC_EPOCH_UNIX_MS};
+use concord_core::crdt::{CounterCommand, RegisterCommand, SetCommand, StreamCommand};
 use concord_core::crdt::{Field, StreamId};
-use concord_core::{Clock, CrdtType, Hlc, Intent, KeyspaceId, ReplicaId, Value, VersionVector};
+use concord_core::{Clock, Command, CrdtType, Hlc, KeyspaceId, ReplicaId, Value, VersionVector};
 use concord_store::{Identity, Item, Store, StoreOptions};
 
 /// Physical time at the start of every test clock.
@@ -54,18 +55,18 @@ pub fn declare_all(store: &Store, clock: &Clock) {
     }
 }
 
-/// A write of one key of the keyspace of `intent`'s type.
-pub fn write(key: &str, intent: Intent) -> Item {
-    let ty = intent.crdt_type();
+/// A write of one key of the keyspace of `command`'s type.
+pub fn write(key: &str, command: Command) -> Item {
+    let ty = command.crdt_type();
     let name = KEYSPACES
         .iter()
         .find(|(_, t)| *t == ty)
         .expect("keyspace of type")
         .0;
-    Item::Write {
+    Item {
         keyspace: ks(name, ty),
         key: key.into(),
-        intent,
+        command,
     }
 }
 
@@ -73,12 +74,15 @@ pub fn write(key: &str, intent: Intent) -> Item {
 pub fn random_write(rng: &mut fastrand::Rng, store: &Store) -> Item {
     let key = format!("k{}", rng.u8(0..4));
     let member = vec![b'a' + rng.u8(0..6)];
-    let intent = match rng.u8(0..7) {
-        0 => Intent::CounterAdd(rng.i64(-50..100)),
-        1 | 2 => Intent::SetAdd(vec![member]),
-        3 => Intent::SetRemove(vec![member]),
-        4 => Intent::RegisterSet(vec![rng.u8(..)]),
-        5 => Intent::StreamAppend(vec![Field::new("v", vec![rng.u8(..)])]),
+    let command = match rng.u8(0..7) {
+        0 => Command::Counter(CounterCommand::Add(rng.i64(-50..100))),
+        1 | 2 => Command::Set(SetCommand::Add(vec![member])),
+        3 => Command::Set(SetCommand::Remove(vec![member])),
+        4 => Command::Register(RegisterCommand::Set(vec![rng.u8(..)])),
+        5 => Command::Stream(StreamCommand::Append(vec![Field::new(
+            "v",
+            vec![rng.u8(..)],
+        )])),
         _ => {
             // Trim at an existing entry, so something goes.
             let stream = store
@@ -86,12 +90,12 @@ pub fn random_write(rng: &mut fastrand::Rng, store: &Store) -> Item {
                 .expect("stream");
             let ids: Vec<StreamId> = stream.entries().map(|(id, _)| id).collect();
             match ids.get(ids.len() / 2) {
-                Some(&id) => Intent::StreamTrim(id),
-                None => Intent::CounterAdd(1),
+                Some(&id) => Command::Stream(StreamCommand::Trim(id)),
+                None => Command::Counter(CounterCommand::Add(1)),
             }
         }
     };
-    write(&key, intent)
+    write(&key, command)
 }
 
 /// Everything a region holds that replicas must agree on: declarations,
