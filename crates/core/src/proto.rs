@@ -3,18 +3,17 @@
 //!
 //! Conversions into protobuf are infallible. Conversions from protobuf
 //! validate: unset required fields, UNSPECIFIED enums and out-of-range values
-//! are [`CoreError::Invalid`]; [`delta_from_proto`] also applies
-//! [`Delta::validate`].
+//! are [`CoreError::Invalid`]. Deltas travel between peers in their own
+//! binary encoding ([`crate::Delta::encode`]), not as protobuf messages;
+//! each type's requests and results convert in the type's module
+//! ([`crate::crdt`]).
 
 use concord_proto::v1 as pb;
 
 use crate::catalog::{Conflict, KeyspaceView};
-use crate::crdt::{
-    CounterOp, CrdtType, Direction, Field, Op, RegisterOp, SetOp, StreamEntry, StreamId, StreamOp,
-};
+use crate::crdt::{CrdtType, Field, StreamEntry, StreamId};
 use crate::error::{CoreError, Result};
-use crate::limits::Limits;
-use crate::{Delta, Hlc, Marker, ReplicaId, VersionVector};
+use crate::{Hlc, Marker, ReplicaId, VersionVector};
 
 impl From<CrdtType> for pb::CrdtType {
     fn from(ty: CrdtType) -> Self {
@@ -142,128 +141,6 @@ pub fn declaration_from_proto(d: pb::KeyspaceDeclaration) -> Result<(String, Crd
     Ok((d.name, ty, marker))
 }
 
-impl From<&Op> for pb::Op {
-    fn from(op: &Op) -> Self {
-        use pb::op::Kind;
-        let kind = match op {
-            Op::Declare(ty) => Kind::DeclareKeyspace(pb::DeclareKeyspaceOp {
-                r#type: pb::CrdtType::from(*ty).into(),
-            }),
-            Op::Counter(c) => Kind::Counter(pb::CounterOp {
-                direction: match c.direction {
-                    Direction::Increment => pb::CounterDirection::Increment,
-                    Direction::Decrement => pb::CounterDirection::Decrement,
-                }
-                .into(),
-                total: c.total,
-            }),
-            Op::Set(SetOp::Add {
-                dot_counter,
-                members,
-            }) => Kind::SetAdd(pb::SetAddOp {
-                dot_counter: *dot_counter,
-                members: members.clone(),
-            }),
-            Op::Set(SetOp::Remove { observed, members }) => Kind::SetRemove(pb::SetRemoveOp {
-                observed: observed.iter().map(|(r, c)| (r.0, *c)).collect(),
-                members: members.clone(),
-            }),
-            Op::Register(r) => Kind::RegisterSet(pb::RegisterSetOp {
-                value: r.value.clone(),
-            }),
-            Op::Stream(StreamOp::Append { fields }) => Kind::StreamAppend(pb::StreamAppendOp {
-                fields: fields.iter().cloned().map(Into::into).collect(),
-            }),
-            Op::Stream(StreamOp::Trim { before }) => Kind::StreamTrim(pb::StreamTrimOp {
-                before: Some((*before).into()),
-            }),
-        };
-        pb::Op { kind: Some(kind) }
-    }
-}
-
-impl TryFrom<pb::Op> for Op {
-    type Error = CoreError;
-
-    fn try_from(op: pb::Op) -> Result<Self> {
-        use pb::op::Kind;
-        let kind = op
-            .kind
-            .ok_or_else(|| CoreError::invalid("operation", "no operation set"))?;
-        Ok(match kind {
-            Kind::DeclareKeyspace(d) => Op::Declare(crdt_type_from_proto(d.r#type)?),
-            Kind::Counter(c) => {
-                let direction = match pb::CounterDirection::try_from(c.direction) {
-                    Ok(pb::CounterDirection::Increment) => Direction::Increment,
-                    Ok(pb::CounterDirection::Decrement) => Direction::Decrement,
-                    _ => {
-                        return Err(CoreError::invalid(
-                            "counter operation",
-                            format!("direction {} is not INCREMENT or DECREMENT", c.direction),
-                        ))
-                    }
-                };
-                Op::Counter(CounterOp {
-                    direction,
-                    total: c.total,
-                })
-            }
-            Kind::SetAdd(a) => Op::Set(SetOp::Add {
-                dot_counter: a.dot_counter,
-                members: a.members,
-            }),
-            Kind::SetRemove(r) => Op::Set(SetOp::Remove {
-                observed: r
-                    .observed
-                    .into_iter()
-                    .map(|(replica, c)| (ReplicaId(replica), c))
-                    .collect(),
-                members: r.members,
-            }),
-            Kind::RegisterSet(r) => Op::Register(RegisterOp { value: r.value }),
-            Kind::StreamAppend(a) => Op::Stream(StreamOp::Append {
-                fields: a.fields.into_iter().map(Into::into).collect(),
-            }),
-            Kind::StreamTrim(t) => Op::Stream(StreamOp::Trim {
-                before: t
-                    .before
-                    .ok_or_else(|| CoreError::invalid("stream trim", "no watermark set"))?
-                    .into(),
-            }),
-        })
-    }
-}
-
-impl From<&Delta> for pb::Delta {
-    fn from(d: &Delta) -> Self {
-        pb::Delta {
-            origin: d.origin.0,
-            seq: d.seq,
-            hlc: d.hlc.as_u64(),
-            keyspace: d.keyspace.clone(),
-            key: d.key.clone(),
-            op: Some((&d.op).into()),
-        }
-    }
-}
-
-/// Reads and validates a delta received from a peer.
-pub fn delta_from_proto(d: pb::Delta, limits: &Limits) -> Result<Delta> {
-    let op =
-        d.op.ok_or_else(|| CoreError::invalid("delta", "no operation set"))?
-            .try_into()?;
-    let delta = Delta {
-        origin: ReplicaId(d.origin),
-        seq: d.seq,
-        hlc: Hlc::from_u64(d.hlc),
-        keyspace: d.keyspace,
-        key: d.key,
-        op,
-    };
-    delta.validate(limits)?;
-    Ok(delta)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,26 +150,5 @@ mod tests {
         assert!(crdt_type_from_proto(0).is_err());
         assert!(crdt_type_from_proto(99).is_err());
         assert_eq!(crdt_type_from_proto(2).unwrap(), CrdtType::Set);
-        let op = pb::Op {
-            kind: Some(pb::op::Kind::Counter(pb::CounterOp {
-                direction: 0,
-                total: 1,
-            })),
-        };
-        assert!(Op::try_from(op).is_err());
-        assert!(Op::try_from(pb::Op { kind: None }).is_err());
-    }
-
-    #[test]
-    fn delta_without_op_is_refused() {
-        let d = pb::Delta {
-            origin: 1,
-            seq: 1,
-            hlc: 1,
-            keyspace: "ks".into(),
-            key: "k".into(),
-            op: None,
-        };
-        assert!(delta_from_proto(d, &Limits::default()).is_err());
     }
 }

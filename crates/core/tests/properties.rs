@@ -822,11 +822,6 @@ proptest! {
         let limits = concord_core::Limits::default();
         let bytes = d.encode_checked(&limits).expect("valid delta encodes");
         prop_assert_eq!(&Delta::decode(&bytes, &limits).expect("decodes"), &d);
-        #[cfg(feature = "proto")]
-        {
-            let pb = concord_proto::v1::Delta::from(&d);
-            prop_assert_eq!(&concord_core::proto::delta_from_proto(pb, &limits).expect("from proto"), &d);
-        }
     }
 
     /// Hostile bytes never panic the decoders; whatever decodes is valid.

@@ -20,9 +20,7 @@ use std::time::Duration;
 
 use concord_core::catalog::KeyspaceId;
 use concord_core::crdt::{StreamEntry, StreamId, StreamOp};
-use concord_core::proto::{
-    crdt_type_from_proto, declaration_from_proto, declaration_to_proto, delta_from_proto,
-};
+use concord_core::proto::{crdt_type_from_proto, declaration_from_proto, declaration_to_proto};
 use concord_core::{CrdtType, Hlc, Op, ReplicaId, Value, VersionVector};
 use concord_proto::v1 as pb;
 use concord_store::snapshot::{Declaration, SnapshotChunk, SnapshotValue};
@@ -307,7 +305,7 @@ impl Provider {
             self.sent.advance(d.origin, d.seq);
         }
         let batch = pb::DeltaBatch {
-            deltas: deltas.iter().map(pb::Delta::from).collect(),
+            deltas: deltas.iter().map(concord_core::Delta::encode).collect(),
         };
         let frame = self.frame(pb::provider_frame::Body::Deltas(batch))?;
         let bytes = prost::Message::encoded_len(&frame) as u64;
@@ -535,7 +533,7 @@ impl Applier {
                 ));
             }
             for d in batch.deltas {
-                let d = delta_from_proto(d, &limits).map_err(|e| {
+                let d = concord_core::Delta::decode(&d, &limits).map_err(|e| {
                     self.refuse(Refusal::BadBatch, format!("undecodable delta: {e}"))
                 })?;
                 newest = newest.max(d.hlc);

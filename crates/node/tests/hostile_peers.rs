@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime as StdTime, UNIX_EPOCH};
 
-use concord_core::Hlc;
+use concord_core::{CrdtType, Delta, Hlc, Op, ReplicaId};
 use concord_proto::v1 as pb;
 use concord_proto::v1::replication_server::{Replication, ReplicationServer};
 use tokio_stream::wrappers::ReceiverStream;
@@ -99,22 +99,23 @@ async fn serve_fake(fake: Fake) -> std::net::SocketAddr {
     addr
 }
 
-fn declare(seq: u64, name: &str) -> pb::Delta {
-    pb::Delta {
-        origin: 2,
+fn declare(seq: u64, name: &str) -> Delta {
+    Delta {
+        origin: ReplicaId(2),
         seq,
-        hlc: hlc_at(0),
+        hlc: Hlc::from_u64(hlc_at(0)),
         keyspace: name.into(),
         key: String::new(),
-        op: Some(pb::Op {
-            kind: Some(pb::op::Kind::DeclareKeyspace(pb::DeclareKeyspaceOp {
-                r#type: pb::CrdtType::Counter.into(),
-            })),
-        }),
+        op: Op::Declare(CrdtType::Counter),
     }
 }
 
-fn batch(sender_hlc: u64, deltas: Vec<pb::Delta>) -> pb::ProviderFrame {
+fn batch(sender_hlc: u64, deltas: Vec<Delta>) -> pb::ProviderFrame {
+    let encoded = deltas.iter().map(Delta::encode).collect();
+    raw_batch(sender_hlc, encoded)
+}
+
+fn raw_batch(sender_hlc: u64, deltas: Vec<Vec<u8>>) -> pb::ProviderFrame {
     pb::ProviderFrame {
         sender_hlc,
         body: Some(pb::provider_frame::Body::Deltas(pb::DeltaBatch { deltas })),
@@ -176,9 +177,12 @@ async fn a_batch_with_a_gap_is_refused_whole() {
 
 #[tokio::test]
 async fn an_undecodable_operation_is_refused() {
-    let mut bad = declare(2, "b");
-    bad.op = Some(pb::Op { kind: None });
-    let frames = vec![batch(hlc_at(0), vec![declare(1, "a"), bad])];
+    // A good delta, then one cut short: nothing of the batch may land.
+    let cut = declare(2, "b").encode();
+    let frames = vec![raw_batch(
+        hlc_at(0),
+        vec![declare(1, "a").encode(), cut[..cut.len() - 1].to_vec()],
+    )];
     let (_, applied, _) = against(frames, |p| p.refused_bad_batch > 0).await;
     assert_eq!(applied, 0);
 }
@@ -199,7 +203,7 @@ async fn a_far_future_clock_is_refused_and_does_not_move_ours() {
 #[tokio::test]
 async fn a_delta_with_a_far_future_clock_inside_a_sane_frame_is_refused() {
     let mut future = declare(1, "a");
-    future.hlc = hlc_at(3_600_000);
+    future.hlc = Hlc::from_u64(hlc_at(3_600_000));
     let frames = vec![batch(hlc_at(0), vec![future])];
     let (_, applied, _) = against(frames, |p| p.refused_clock_drift > 0).await;
     assert_eq!(applied, 0);
