@@ -9,10 +9,8 @@ use std::rc::Rc;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use concord_core::{Clock, Limits};
-use concord_node::config::{
-    DurabilityMode, KeyspaceConfig, KeyspaceType, LogConfig, PeerConfig, StorageConfig,
-};
+use concord_core::{Clock, CrdtType, Limits};
+use concord_node::config::{Durability, KeyspaceConfig, LogConfig, PeerConfig, StorageConfig};
 use concord_node::{Config, Node};
 use concord_store::{Offload, Store};
 
@@ -236,10 +234,10 @@ impl World<'_> {
             })
             .collect();
         let keyspaces = [
-            (workload::COUNTERS, KeyspaceType::Counter),
-            (workload::SETS, KeyspaceType::Set),
-            (workload::REGISTERS, KeyspaceType::Register),
-            (workload::STREAMS, KeyspaceType::Stream),
+            (workload::COUNTERS, CrdtType::Counter),
+            (workload::SETS, CrdtType::Set),
+            (workload::REGISTERS, CrdtType::Register),
+            (workload::STREAMS, CrdtType::Stream),
         ]
         .into_iter()
         .map(|(name, ty)| KeyspaceConfig {
@@ -254,7 +252,7 @@ impl World<'_> {
             data_dir: self.data.join(region.name),
             metrics_listen: None,
             peers,
-            durability: DurabilityMode::Group,
+            durability: Durability::Group,
             // 0 turns the node's check off.
             max_drift_ms: if self.options.drift_check {
                 MAX_DRIFT_MS

@@ -16,7 +16,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use concord_client::{Client, ClientOptions};
-use concord_node::config::{Config, DurabilityMode, LogConfig, PeerConfig, StorageConfig};
+use concord_node::config::{Config, Durability, LogConfig, PeerConfig, StorageConfig};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -119,7 +119,7 @@ fn configs(args: &DevArgs, data: &Path) -> Result<Vec<Config>, String> {
                         endpoint: format!("http://{listen}"),
                     })
                     .collect(),
-                durability: DurabilityMode::Group,
+                durability: Durability::Group,
                 max_drift_ms: 500,
                 storage: StorageConfig::default(),
                 limits: Default::default(),

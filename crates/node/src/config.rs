@@ -31,7 +31,8 @@ use std::path::{Path, PathBuf};
 
 use concord_core::limits::Limits;
 use concord_core::CrdtType;
-use concord_store::{Durability, Offload, StoreOptions};
+pub use concord_store::Durability;
+use concord_store::{Offload, StoreOptions};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
@@ -71,7 +72,7 @@ pub struct Config {
     pub peers: Vec<PeerConfig>,
     /// When writes are acknowledged.
     #[serde(default)]
-    pub durability: DurabilityMode,
+    pub durability: Durability,
     /// Most milliseconds a peer's clock may be ahead of this node's before
     /// its messages are refused.
     #[serde(default = "default_max_drift_ms")]
@@ -115,43 +116,7 @@ pub struct KeyspaceConfig {
     pub name: String,
     /// Its CRDT type: `counter`, `set`, `register` or `stream`.
     #[serde(rename = "type")]
-    pub ty: KeyspaceType,
-}
-
-/// A keyspace type as written in the configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum KeyspaceType {
-    /// PN-counter.
-    Counter,
-    /// Add-wins observed-remove set.
-    Set,
-    /// Last-writer-wins register.
-    Register,
-    /// Append-only stream.
-    Stream,
-}
-
-impl From<KeyspaceType> for CrdtType {
-    fn from(t: KeyspaceType) -> CrdtType {
-        match t {
-            KeyspaceType::Counter => CrdtType::Counter,
-            KeyspaceType::Set => CrdtType::Set,
-            KeyspaceType::Register => CrdtType::Register,
-            KeyspaceType::Stream => CrdtType::Stream,
-        }
-    }
-}
-
-/// When writes are acknowledged.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DurabilityMode {
-    /// After a disk flush that concurrent writes share (the default).
-    #[default]
-    Group,
-    /// Before the flush: a crash may lose the last acknowledged writes.
-    Relaxed,
+    pub ty: CrdtType,
 }
 
 /// Storage tuning.
@@ -336,10 +301,7 @@ impl Config {
     /// The store's options.
     pub fn store_options(&self) -> StoreOptions {
         StoreOptions {
-            durability: match self.durability {
-                DurabilityMode::Group => Durability::Group,
-                DurabilityMode::Relaxed => Durability::Relaxed,
-            },
+            durability: self.durability,
             flush_every_ms: self.storage.flush_every_ms,
             cache_capacity_bytes: self.storage.cache_capacity_bytes,
             limits: self.limits.clone(),
@@ -409,7 +371,7 @@ mod tests {
     #[test]
     fn minimal_file_gets_defaults() {
         let config = Config::from_toml(MINIMAL).expect("valid");
-        assert_eq!(config.durability, DurabilityMode::Group);
+        assert_eq!(config.durability, Durability::Group);
         assert_eq!(config.max_drift_ms, 500);
         assert_eq!(config.limits, Limits::default());
         assert!(config.peers.is_empty());
@@ -439,7 +401,7 @@ mod tests {
         );
         let config = Config::from_toml(&text).expect("valid");
         assert_eq!(config.limits.max_key_bytes, 64);
-        assert_eq!(config.keyspaces[0].ty, KeyspaceType::Set);
+        assert_eq!(config.keyspaces[0].ty, CrdtType::Set);
         let again = Config::from_toml(&config.to_toml().expect("serializes")).expect("valid");
         assert_eq!(again, config);
     }

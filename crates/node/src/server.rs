@@ -95,7 +95,7 @@ impl Node {
         let engine = Engine::new(Arc::new(store), Arc::new(clock));
         for ks in &config.keyspaces {
             engine
-                .create_keyspace(ks.name.clone(), ks.ty.into())
+                .create_keyspace(ks.name.clone(), ks.ty)
                 .await
                 .map_err(|e| {
                     NodeError::Config(format!("cannot declare keyspace {:?}: {e}", ks.name))

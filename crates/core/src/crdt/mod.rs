@@ -55,8 +55,10 @@ pub trait Crdt {
     fn merge(&mut self, other: &Self);
 }
 
-/// The CRDT type of a keyspace.
+/// The CRDT type of a keyspace. Its serde names are the lowercase ones of
+/// the configuration file (binary encodings use the variant's index).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum CrdtType {
     /// PN-counter.
     Counter,
