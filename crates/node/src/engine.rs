@@ -241,10 +241,15 @@ impl Engine {
             }
             .into());
         }
-        let ops = requests
+        let mut ops = requests
             .into_iter()
             .map(|r| r.checked(limits))
             .collect::<concord_core::Result<Vec<_>>>()?;
+        if ops.len() == 1 && !ops[0].command.is_write() {
+            if let Some(op) = ops.pop() {
+                return Ok(vec![self.read(op).await?]);
+            }
+        }
         let (reply, answer) = oneshot::channel();
         self.submit(Job::Write(WriteJob { ops, reply })).await?;
         let (ops, keyspaces, receipt) = answer
@@ -278,6 +283,24 @@ impl Engine {
             }
         }
         Ok(ops.into_iter().zip(receipt.results).collect())
+    }
+
+    /// Runs a lone read without the writer ([`Store::read`]): it does not
+    /// wait behind the write groups queued before it. A batch of several
+    /// reads still goes through the writer, which reads them all from one
+    /// commit.
+    async fn read(&self, op: Request) -> Result<(Request, Outcome)> {
+        let catalog = self.store.catalog()?;
+        let (mut items, _) = resolve(&catalog, std::slice::from_ref(&op))?;
+        let item = items.pop().ok_or_else(|| {
+            NodeError::Core(concord_core::CoreError::Bug(
+                "a resolved read has no item".into(),
+            ))
+        })?;
+        let outcome = self
+            .blocking(move |store, _| Ok(store.read(&item)?))
+            .await?;
+        Ok((op, outcome))
     }
 
     /// Applies a peer's delta batch ([`Store::apply_remote`]) on the

@@ -216,4 +216,29 @@ impl Store {
         }
         Ok((from_parts(header, rows)?, bytes))
     }
+
+    /// The slice of one set holding the members `named` (see
+    /// [`TxSet::slice`]), read as [`Store::whole_set`] reads.
+    pub(crate) fn set_slice(
+        &self,
+        name: &str,
+        key: &str,
+        vkey: &[u8],
+        named: &[Vec<u8>],
+    ) -> Result<Set> {
+        let _writer = self.lock_writer();
+        let _applying = self.lock_applying();
+        let header = match self.t.values.get(vkey)? {
+            None => SetHeader::default(),
+            Some(bytes) => decode_header(&bytes)?,
+        };
+        let needed = header.slice_members(named);
+        let mut rows = Vec::with_capacity(needed.len());
+        for member in &needed {
+            if let Some(v) = self.t.members.get(layout::member_key(name, key, member))? {
+                rows.push(decode_member(member, &v)?);
+            }
+        }
+        from_parts(header, rows)
+    }
 }

@@ -382,6 +382,9 @@ impl Store {
                 Ok(trimmed)
             })
             .map_err(from_tx)?;
+        if !chunk.declarations.is_empty() {
+            self.catalog_changed();
+        }
         drop(writer);
         self.after_trim(trimmed);
         Ok(ImportReport {

@@ -181,6 +181,20 @@ pub struct Store {
     pub(crate) sweeper: Mutex<()>,
     /// Log entries removed by the size cap, since open.
     pub(crate) cap_removed: AtomicU64,
+    /// The catalog as sled holds it, read again only after a commit that
+    /// declared something ([`Store::catalog_changed`]).
+    catalog: CatalogCache,
+}
+
+/// The catalog kept in memory: the generation it was read at, which every
+/// commit that declares something raises once sled holds the declaration.
+/// A reader that finds another generation reads sled again; one racing a
+/// declaration may keep the older catalog, under the older generation,
+/// so the next reader reads again.
+#[derive(Default)]
+struct CatalogCache {
+    generation: AtomicU64,
+    cached: Mutex<Option<(u64, Arc<Catalog>)>>,
 }
 
 /// State guarded by the writer lock.
@@ -323,9 +337,11 @@ impl Store {
             sweep_pending: AtomicBool::new(false),
             sweeper: Mutex::new(()),
             cap_removed: AtomicU64::new(0),
+            catalog: CatalogCache::default(),
         };
         store.drop_log_tails_past_the_vector()?;
         let replayed = store.replay(&recovered.deltas)?;
+        store.catalog_changed();
         if replayed > 0 {
             tracing::info!(
                 replayed,
@@ -609,6 +625,7 @@ impl Store {
         };
         w.next_seq = seq + 1;
         self.account_log(&mut w, self.identity.replica, 1, logged);
+        self.catalog_changed();
         drop(w);
         let receipt = WriteReceipt {
             results: Vec::new(),
@@ -969,6 +986,13 @@ impl Store {
         if let Some(staging) = staging {
             staging.apply()?;
         }
+        if report
+            .fresh
+            .iter()
+            .any(|&i| matches!(deltas[i].op, Op::Declare(_)))
+        {
+            self.catalog_changed();
+        }
         let commit =
             (report.applied > 0).then(|| self.commit(encoded.iter().map(|b| b.as_slice())));
         self.pipeline.show(
@@ -1225,6 +1249,48 @@ impl Store {
         }
     }
 
+    /// Runs one read on its own, without the writer: what its [`Access`]
+    /// names, read from sled as the last commit left it (a set under the
+    /// writer lock, so that its header and members are of one commit),
+    /// and the reply. A write is refused: it must go through
+    /// [`Store::write`] and its kin.
+    pub fn read(&self, item: &Item) -> Result<Outcome> {
+        let Item {
+            keyspace,
+            key,
+            command,
+        } = item;
+        if command.is_write() {
+            return Err(StoreError::Core(CoreError::Bug(format!(
+                "{command:?} is a write, not a read"
+            ))));
+        }
+        if command.crdt_type() != keyspace.ty {
+            return Err(StoreError::Core(CoreError::TypeMismatch {
+                expected: keyspace.ty,
+                found: command.crdt_type(),
+            }));
+        }
+        let value = match command.access() {
+            Access::Value | Access::WholeSet => self.get(keyspace, key)?,
+            Access::Members(named) => {
+                let vkey = layout::value_key(keyspace, key);
+                Value::Set(self.set_slice(&keyspace.name, key, &vkey, named)?)
+            }
+            Access::Range { from, to, count } => {
+                let watermark = self.stream_watermark(keyspace, key)?;
+                let entries =
+                    self.rows_from(&keyspace.name, key, from.max(watermark), to, count)?;
+                Value::Stream(Stream::from_parts(
+                    watermark,
+                    entries.into_iter().map(|e| (e.id, e.fields)),
+                ))
+            }
+        };
+        let reply = command.reply(&value, self.identity.replica, None)?;
+        Ok(Outcome { write: None, reply })
+    }
+
     /// Stream entries with `from <= id <= to`, in id order, at most `count`.
     pub fn stream_range(
         &self,
@@ -1316,7 +1382,29 @@ impl Store {
     }
 
     /// The keyspace catalog.
-    pub fn catalog(&self) -> Result<Catalog> {
+    pub fn catalog(&self) -> Result<Arc<Catalog>> {
+        let generation = self.catalog.generation.load(Ordering::SeqCst);
+        let mut cached = self
+            .catalog
+            .cached
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((at, catalog)) = cached.as_ref() {
+            if *at == generation {
+                return Ok(catalog.clone());
+            }
+        }
+        let fresh = Arc::new(self.read_catalog()?);
+        *cached = Some((generation, fresh.clone()));
+        Ok(fresh)
+    }
+
+    /// Tells the catalog cache that sled now holds a new declaration.
+    pub(crate) fn catalog_changed(&self) {
+        self.catalog.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn read_catalog(&self) -> Result<Catalog> {
         let mut catalog = Catalog::new();
         for item in self.t.catalog.iter() {
             let (k, v) = item?;

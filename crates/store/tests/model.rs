@@ -188,6 +188,20 @@ fn check(store: &Store, model: &Model) -> Result<(), TestCaseError> {
             ty,
         };
         for key in ["k0", "k1"] {
+            // A lone read, outside the writer, answers as the model does.
+            let mut reads = vec![read_of(ty)];
+            if ty == CrdtType::Set {
+                reads.extend([b"a", b"e"].map(|m| Command::Set(SetCommand::Contains(m.to_vec()))));
+            }
+            for read in reads {
+                let got = store
+                    .read(&Item::new(ks.clone(), key, read.clone()))
+                    .expect("read");
+                let want = read
+                    .reply(&model.value(&ks, key), ME, None)
+                    .expect("model reply");
+                prop_assert_eq!(got.reply, want);
+            }
             if ty == CrdtType::Stream {
                 prop_assert_eq!(
                     store.stream(&ks, key).expect("stream"),

@@ -294,3 +294,43 @@ fn bad_chunks_are_refused_whole() {
         .expect("scan")
         .is_empty());
 }
+
+/// The catalog is kept in memory: every way a declaration arrives (a
+/// local declaration, a peer's delta, a snapshot) shows in the next read,
+/// after a read that cached the catalog before it.
+#[test]
+fn the_catalog_in_memory_follows_every_declaration() {
+    let (a_dir, b_dir) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (_, clock) = manual_clock();
+    let a = open_as(a_dir.path(), 1, StoreOptions::default());
+    let b = open_as(b_dir.path(), 2, StoreOptions::default());
+    let names = |store: &Store| -> Vec<String> {
+        let catalog = store.catalog().expect("catalog");
+        catalog.list().iter().map(|v| v.name.clone()).collect()
+    };
+    assert!(names(&b).is_empty());
+    b.declare(&clock, "local", CrdtType::Counter)
+        .expect("declare");
+    assert_eq!(names(&b), ["local"]);
+    let remote = Delta {
+        origin: ReplicaId(3),
+        seq: 1,
+        hlc: clock.now().expect("clock"),
+        keyspace: "remote".into(),
+        key: String::new(),
+        op: Op::Declare(CrdtType::Set),
+    };
+    b.apply_remote(&[remote], clock.last()).expect("apply");
+    assert_eq!(names(&b), ["local", "remote"]);
+    a.declare(&clock, "snapshotted", CrdtType::Stream)
+        .expect("declare");
+    let (covers, chunks) = export(&a, 1 << 20);
+    import(&b, &covers, &chunks, &clock);
+    assert_eq!(names(&b), ["local", "remote", "snapshotted"]);
+    drop(b);
+    let b = open_as(b_dir.path(), 2, StoreOptions::default());
+    assert_eq!(names(&b), ["local", "remote", "snapshotted"]);
+}
