@@ -8,6 +8,9 @@
 //! - [`service`]: the `concord.v1.Concord` gRPC service.
 //! - [`peer`]: the configured peers and the `concord.v1.Replication` service.
 //! - [`connect`]: how the node dials its peers ([`Connector`]).
+//! - [`handshake`]: the opening of a replication stream for both ends,
+//!   the one check of a peer's clock, and why a stream fails
+//!   ([`handshake::LinkError`]).
 //! - [`link`]: the outbound link to each peer.
 //! - [`replicate`]: both ends of a replication stream.
 //! - [`subscribe`]: live stream subscriptions.
@@ -45,6 +48,7 @@ pub mod config;
 pub mod connect;
 pub mod engine;
 mod error;
+pub mod handshake;
 pub mod link;
 pub mod metrics;
 pub mod peer;

@@ -21,10 +21,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use concord_core::{CoreError, Hlc, VersionVector};
+use concord_core::VersionVector;
 use concord_proto::v1 as pb;
 use concord_proto::v1::replication_client::ReplicationClient;
-use concord_proto::PEER_PROTOCOL_VERSION;
 use concord_store::Store;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,8 +31,10 @@ use tonic::transport::Endpoint;
 
 use crate::connect::Connector;
 use crate::engine::Engine;
-use crate::peer::{Peers, Refusal};
-use crate::replicate::{Applier, ApplyError, APPLY_MAX_DELTAS, HEARTBEAT, SILENCE_TIMEOUT};
+use crate::error::NodeError;
+use crate::handshake::{check_welcome, hello, observe_clock, LinkError, PeerFault};
+use crate::peer::Peers;
+use crate::replicate::{Applier, APPLY_MAX_DELTAS, HEARTBEAT, SILENCE_TIMEOUT};
 use crate::server::{KEEPALIVE, MAX_MESSAGE_BYTES};
 
 /// Longest wait for a TCP connection to a peer.
@@ -105,9 +106,10 @@ impl Link {
                 backoff = BACKOFF_MIN;
             }
             let failure = match ended {
-                Ok(()) => "the peer ended the stream".to_string(),
+                Ok(()) => LinkError::Ended,
                 Err(e) => e,
-            };
+            }
+            .to_string();
             // Say it once; repeats of the same failure go to debug.
             if last_failure.as_deref() != Some(failure.as_str()) {
                 announced = false;
@@ -126,10 +128,14 @@ impl Link {
     }
 
     /// One connection: handshake, then frames until the stream ends.
-    async fn session(&self, announced: &mut bool) -> Result<(), String> {
+    async fn session(&self, announced: &mut bool) -> Result<(), LinkError> {
         let config = self.peers.config(self.index);
+        let unreachable = |reason: String| LinkError::Unreachable {
+            endpoint: config.endpoint.clone(),
+            reason,
+        };
         let endpoint = Endpoint::from_shared(config.endpoint.clone())
-            .map_err(|e| format!("endpoint {:?}: {e}", config.endpoint))?
+            .map_err(|e| unreachable(format!("not an endpoint: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(KEEPALIVE)
             .keep_alive_timeout(KEEPALIVE)
@@ -137,67 +143,44 @@ impl Link {
         let channel = endpoint
             .connect_with_connector(self.connector.clone())
             .await
-            .map_err(|e| {
-                format!(
-                    "cannot connect to {}: {}",
-                    config.endpoint,
-                    concord_proto::error_chain(&e)
-                )
-            })?;
+            .map_err(|e| unreachable(concord_proto::error_chain(&e)))?;
         let mut client = ReplicationClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
         let store = self.engine.store();
-        let applied = store.version_vector().map_err(|e| e.to_string())?;
+        let applied = store.version_vector().map_err(NodeError::from)?;
         let mut known: BTreeSet<u32> = applied.iter().map(|(origin, _)| origin.0).collect();
         let mut interest = self.interest(&known);
-        let hello = self.frame(pb::subscriber_frame::Body::Hello(pb::Hello {
-            protocol_version: PEER_PROTOCOL_VERSION,
-            region: store.identity().region.clone(),
-            replica_id: store.identity().replica.0,
-            applied: Some((&applied).into()),
-            origins: interest.clone(),
-        }))?;
+        let hello = self.frame(pb::subscriber_frame::Body::Hello(hello(
+            &self.engine,
+            &applied,
+            interest.clone(),
+        )))?;
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE_FRAMES);
-        tx.send(hello)
-            .await
-            .map_err(|_| "the outbound queue closed".to_string())?;
+        tx.send(hello).await.map_err(|_| LinkError::Closed)?;
+        let waited = || {
+            unreachable(format!(
+                "no answer within {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            ))
+        };
         let opened =
             tokio::time::timeout(HANDSHAKE_TIMEOUT, client.subscribe(ReceiverStream::new(rx)))
                 .await
-                .map_err(|_| format!("no answer within {} s", HANDSHAKE_TIMEOUT.as_secs()))?
-                .map_err(|s| status_text("refused", &s))?;
+                .map_err(|_| waited())?
+                .map_err(|s| LinkError::status("refused", &s))?;
         let mut frames = opened.into_inner();
         let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, frames.message())
             .await
-            .map_err(|_| format!("no Welcome within {} s", HANDSHAKE_TIMEOUT.as_secs()))?
-            .map_err(|s| status_text("refused", &s))?
-            .ok_or("the stream ended before its Welcome")?;
+            .map_err(|_| waited())?
+            .map_err(|s| LinkError::status("refused", &s))?
+            .ok_or(LinkError::Ended)?;
         self.observe(first.sender_hlc)?;
         let Some(pb::provider_frame::Body::Welcome(welcome)) = first.body else {
-            self.peers.refused_by_index(self.index, Refusal::BadBatch);
-            return Err("the first frame was not a Welcome".into());
+            return Err(self.fault(PeerFault::NoOpening("Welcome")));
         };
-        if welcome.region != config.region || welcome.replica_id != config.replica_id {
-            self.peers
-                .refused_by_index(self.index, Refusal::UnknownPeer);
-            return Err(format!(
-                "{} is region {:?} with replica id {}, not the configured {:?} with replica id {}",
-                config.endpoint,
-                welcome.region,
-                welcome.replica_id,
-                config.region,
-                config.replica_id
-            ));
-        }
-        if welcome.protocol_version != PEER_PROTOCOL_VERSION {
-            self.peers.refused_by_index(self.index, Refusal::BadBatch);
-            return Err(format!(
-                "the peer speaks protocol version {}, this node {PEER_PROTOCOL_VERSION}",
-                welcome.protocol_version
-            ));
-        }
+        check_welcome(&self.peers, self.index, &welcome).map_err(|f| self.fault(f))?;
         self.peers.set_connected(self.index, true);
         if !*announced {
             tracing::info!(peer = %config.region, "peer link up");
@@ -223,9 +206,7 @@ impl Link {
                 let frame = self.frame(pb::subscriber_frame::Body::Interest(pb::Interest {
                     origins: wanted.clone(),
                 }))?;
-                tx.send(frame)
-                    .await
-                    .map_err(|_| "the outbound queue closed".to_string())?;
+                tx.send(frame).await.map_err(|_| LinkError::Closed)?;
                 interest = wanted;
             }
             let silent_until = last_frame + SILENCE_TIMEOUT;
@@ -242,11 +223,11 @@ impl Link {
                     let frame = self.frame(pb::subscriber_frame::Body::Ack(pb::Ack {
                         applied: Some((&applied).into()),
                     }))?;
-                    tx.send(frame).await.map_err(|_| "the outbound queue closed".to_string())?;
+                    tx.send(frame).await.map_err(|_| LinkError::Closed)?;
                     continue;
                 }
                 _ = heartbeat.tick() => {
-                    let applied = store.version_vector().map_err(|e| e.to_string())?;
+                    let applied = store.version_vector().map_err(NodeError::from)?;
                     // Deltas arriving over other links change the vector
                     // too; this provider learns of them only from here, and
                     // needs them acknowledged to truncate its logs.
@@ -255,16 +236,15 @@ impl Link {
                         applied: Some((&applied).into()),
                         wall_unix_ms: u64::try_from(self.engine.clock().physical_unix_ms()).unwrap_or(0),
                     }))?;
-                    tx.send(frame).await.map_err(|_| "the outbound queue closed".to_string())?;
+                    tx.send(frame).await.map_err(|_| LinkError::Closed)?;
                     continue;
                 }
                 _ = reachability.changed() => continue,
                 () = tokio::time::sleep_until(silent_until) => {
-                    return Err(format!(
-                        "nothing from the peer for {} s (heartbeats are every {} s)",
-                        SILENCE_TIMEOUT.as_secs(),
-                        HEARTBEAT.as_secs()
-                    ));
+                    return Err(LinkError::Silent {
+                        silent_s: SILENCE_TIMEOUT.as_secs(),
+                        heartbeat_s: HEARTBEAT.as_secs(),
+                    });
                 }
                 frame = frames.message() => {
                     last_frame = tokio::time::Instant::now();
@@ -324,31 +304,26 @@ impl Link {
                 }
                 body => applier.apply(pb::ProviderFrame { body, ..frame }).await,
             };
-            match applied {
-                Ok(true) => acks.due(store.version_vector().map_err(|e| e.to_string())?),
-                Ok(false) => {}
-                Err(ApplyError::Refused(why)) => {
-                    return Err(format!("refused the peer's data: {why}"))
-                }
-                Err(ApplyError::Local(why)) => {
-                    return Err(format!("cannot apply the peer's data: {why}"))
-                }
+            if applied? {
+                acks.due(store.version_vector().map_err(NodeError::from)?);
             }
         }
     }
 
-    /// Describes a failed stream; counts a frame over the message limit,
-    /// which tonic's decoder refuses before we see it, as the peer's fault.
-    fn stream_failed(&self, s: &tonic::Status) -> String {
-        if s.code() == tonic::Code::OutOfRange && s.message().contains("too large") {
-            self.peers.refused_by_index(self.index, Refusal::BadBatch);
-        }
-        status_text("stream ended", s)
+    /// A failed stream, counted when the peer is at fault (a frame over
+    /// the message limit, which the decoder refuses before we see it).
+    fn stream_failed(&self, s: &tonic::Status) -> LinkError {
+        LinkError::status("stream ended", s).counted(&self.peers, self.index)
+    }
+
+    /// Refuses (and counts) what the peer did.
+    fn fault(&self, fault: PeerFault) -> LinkError {
+        LinkError::Peer(fault).counted(&self.peers, self.index)
     }
 
     /// A frame to the peer, stamped with this node's clock.
-    fn frame(&self, body: pb::subscriber_frame::Body) -> Result<pb::SubscriberFrame, String> {
-        let hlc = self.engine.clock().now().map_err(|e| e.to_string())?;
+    fn frame(&self, body: pb::subscriber_frame::Body) -> Result<pb::SubscriberFrame, LinkError> {
+        let hlc = self.engine.clock().now().map_err(NodeError::from)?;
         Ok(pb::SubscriberFrame {
             sender_hlc: hlc.as_u64(),
             body: Some(body),
@@ -369,29 +344,14 @@ impl Link {
         origins.into_iter().collect()
     }
 
-    /// Observes a peer frame's clock; refuses (and counts) one too far
-    /// ahead.
-    fn observe(&self, sender_hlc: u64) -> Result<(), String> {
-        let clock = self.engine.clock();
-        let remote = Hlc::from_u64(sender_hlc);
-        self.peers
-            .contact(self.index, remote, clock.physical_unix_ms());
-        match clock.observe(remote) {
-            Ok(_) => {
-                self.peers.clock_accepted(self.index);
-                Ok(())
-            }
-            Err(e @ CoreError::ClockDrift { .. }) => {
-                self.peers.refused_by_index(self.index, Refusal::ClockDrift);
-                Err(format!("refused the peer's clock: {e}"))
-            }
-            Err(e) => Err(e.to_string()),
-        }
+    /// Observes a peer frame's clock ([`observe_clock`]).
+    fn observe(&self, sender_hlc: u64) -> Result<(), LinkError> {
+        observe_clock(&self.engine, &self.peers, self.index, sender_hlc)
     }
 }
 
 /// A flush under way and the vector it makes acknowledgeable.
-type Flushing = Pin<Box<dyn Future<Output = Result<VersionVector, String>> + Send>>;
+type Flushing = Pin<Box<dyn Future<Output = Result<VersionVector, LinkError>> + Send>>;
 
 /// Acknowledgements of one link. An ack may name only what is durable
 /// here, yet waiting for each batch's flush before reading the next would
@@ -433,7 +393,7 @@ impl Acks {
     /// since the last ack and then for the flush of the vector due (forever
     /// when none is), and returns the vector to acknowledge. Cancel-safe:
     /// the flush under way and the vector due outlive a dropped call.
-    async fn flushed(&mut self) -> Result<VersionVector, String> {
+    async fn flushed(&mut self) -> Result<VersionVector, LinkError> {
         if self.flushing.is_none() {
             if self.waiting.is_none() {
                 return std::future::pending().await;
@@ -448,7 +408,7 @@ impl Acks {
             self.flushing = Some(Box::pin(async move {
                 // Everything committed before this call is durable after
                 // it, and `applied` was read before it.
-                store.sync().await.map_err(|e| e.to_string())?;
+                store.sync().await.map_err(NodeError::from)?;
                 Ok(applied)
             }));
         }
@@ -465,13 +425,4 @@ impl Acks {
         }
         Ok(applied)
     }
-}
-
-/// A peer's status as one line: `what: CODE: message`.
-fn status_text(what: &str, s: &tonic::Status) -> String {
-    format!(
-        "{what}: {}: {}",
-        concord_proto::code_name(s.code()),
-        s.message()
-    )
 }

@@ -2,21 +2,20 @@
 //! of each ([`Peers`], shown by `Status`), and the `concord.v1.Replication`
 //! service other regions subscribe to.
 //!
-//! The service checks every subscription's opening: the first frame must
-//! be a `Hello` within [`HELLO_TIMEOUT`], in protocol version
-//! [`concord_proto::PEER_PROTOCOL_VERSION`], from a configured region with
-//! its configured replica id, with a clock no further ahead than
-//! `max_drift_ms`. A refused opening is counted per cause and ends the
+//! The service checks every subscription's opening ([`crate::handshake`]):
+//! the first frame must be a `Hello` within [`HELLO_TIMEOUT`], in protocol
+//! version [`concord_proto::PEER_PROTOCOL_VERSION`], from a configured
+//! region with its configured replica id, with a clock no further ahead
+//! than `max_drift_ms`. A refused opening is counted per cause and ends the
 //! stream with a clear status. An accepted one is answered with `Welcome`,
 //! and `replicate::Provider` streams the deltas.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use concord_core::{CoreError, Hlc};
+use concord_core::Hlc;
 use concord_proto::v1 as pb;
 use concord_proto::v1::replication_server::Replication;
-use concord_proto::PEER_PROTOCOL_VERSION;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -24,6 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::PeerConfig;
 use crate::engine::Engine;
 use crate::error::NodeError;
+use crate::handshake::{check_hello, observe_clock, welcome, LinkError, PeerFault};
 use crate::replicate::{origins, Provider};
 
 /// Longest wait for a subscriber's `Hello`.
@@ -198,16 +198,9 @@ impl Peers {
         self.peers.iter().map(|p| p.config.replica_id).collect()
     }
 
-    /// The index of the peer with replica id `replica`.
-    pub(crate) fn index_of(&self, replica: u32) -> Option<usize> {
-        self.peers
-            .iter()
-            .position(|p| p.config.replica_id == replica)
-    }
-
     /// Counts a refusal of something peer `i` sent.
     pub(crate) fn refused_by_index(&self, i: usize, why: Refusal) {
-        self.refused(Some(&self.peers[i]), why);
+        self.refused(&self.peers[i], why);
     }
 
     /// Openings refused because the caller was not a configured peer.
@@ -216,19 +209,23 @@ impl Peers {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn find(&self, region: &str, replica_id: u32) -> Option<&Peer> {
+    /// The index of the peer configured as `region` with `replica_id`.
+    pub(crate) fn find(&self, region: &str, replica_id: u32) -> Option<usize> {
         self.peers
             .iter()
-            .find(|p| p.config.region == region && p.config.replica_id == replica_id)
+            .position(|p| p.config.region == region && p.config.replica_id == replica_id)
     }
 
-    fn refused(&self, peer: Option<&Peer>, why: Refusal) {
+    /// Counts a refused opening from a caller that is no configured peer
+    /// (or did not say who it is).
+    pub(crate) fn refused_unknown(&self, why: Refusal) {
         metrics::counter!("concord_peer_refusals_total", "cause" => why.label()).increment(1);
-        let Some(peer) = peer else {
-            self.unknown_refused
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return;
-        };
+        self.unknown_refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn refused(&self, peer: &Peer, why: Refusal) {
+        metrics::counter!("concord_peer_refusals_total", "cause" => why.label()).increment(1);
         let mut status = lock(&peer.status);
         match why {
             Refusal::ClockDrift => {
@@ -269,14 +266,14 @@ impl PeerService {
     }
 
     /// Reads and checks a subscription's opening; returns the peer's
-    /// `Hello` and whom it came from.
+    /// `Hello` and the index of the peer it came from.
     async fn opening(
         &self,
         inbound: &mut Streaming<pb::SubscriberFrame>,
-    ) -> Result<(pb::Hello, &Peer), Status> {
+    ) -> Result<(pb::Hello, usize), Status> {
         let first = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
             Err(_) => {
-                self.peers.refused(None, Refusal::BadBatch);
+                self.peers.refused_unknown(Refusal::BadBatch);
                 return Err(Status::deadline_exceeded(format!(
                     "no Hello within {} s",
                     HELLO_TIMEOUT.as_secs()
@@ -291,45 +288,16 @@ impl PeerService {
             Ok(Ok(Some(frame))) => frame,
         };
         let Some(pb::subscriber_frame::Body::Hello(hello)) = first.body else {
-            self.peers.refused(None, Refusal::BadBatch);
-            return Err(Status::invalid_argument(
-                "the first frame of a subscription must be a Hello",
-            ));
+            self.peers.refused_unknown(Refusal::BadBatch);
+            return Err(LinkError::Peer(PeerFault::NoOpening("Hello")).into());
         };
-        let Some(peer) = self.peers.find(&hello.region, hello.replica_id) else {
-            self.peers.refused(None, Refusal::UnknownPeer);
-            tracing::warn!(region = %hello.region, replica_id = hello.replica_id, "refused a subscription from an unknown region");
-            return Err(Status::permission_denied(format!(
-                "region {:?} with replica id {} is not a configured peer of region {:?}",
-                hello.region,
-                hello.replica_id,
-                self.engine.store().identity().region
-            )));
-        };
-        if hello.protocol_version != PEER_PROTOCOL_VERSION {
-            self.peers.refused(Some(peer), Refusal::BadBatch);
-            return Err(Status::failed_precondition(format!(
-                "peer protocol version {} is not supported; this node speaks {PEER_PROTOCOL_VERSION}",
-                hello.protocol_version
-            )));
+        let index = check_hello(&self.engine, &self.peers, &hello)?;
+        if let Err(e) = observe_clock(&self.engine, &self.peers, index, first.sender_hlc) {
+            let region = &self.peers.config(index).region;
+            tracing::warn!(peer = %region, error = %e, "refused a peer whose clock is too far ahead; fix its clock");
+            return Err(e.into());
         }
-        let clock = self.engine.clock();
-        let local_ms = clock.physical_unix_ms();
-        let remote = Hlc::from_u64(first.sender_hlc);
-        peer.contact(remote, local_ms);
-        match clock.observe(remote) {
-            Ok(_) => lock(&peer.status).clock_refused = false,
-            Err(e @ CoreError::ClockDrift { .. }) => {
-                self.peers.refused(Some(peer), Refusal::ClockDrift);
-                tracing::warn!(peer = %peer.config.region, error = %e, "refused a peer whose clock is too far ahead");
-                return Err(Status::failed_precondition(format!(
-                    "refused: {e}; fix the clock of region {:?}",
-                    peer.config.region
-                )));
-            }
-            Err(e) => return Err(NodeError::from(e).into()),
-        }
-        Ok((hello, peer))
+        Ok((hello, index))
     }
 }
 
@@ -342,26 +310,23 @@ impl Replication for PeerService {
         request: Request<Streaming<pb::SubscriberFrame>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let mut inbound = request.into_inner();
-        let (hello, peer) = self.opening(&mut inbound).await?;
-        tracing::debug!(peer = %peer.config.region, origins = ?hello.origins, "peer subscribed");
-        let store = self.engine.store();
-        let applied = store.version_vector().map_err(NodeError::from)?;
+        let (hello, index) = self.opening(&mut inbound).await?;
+        tracing::debug!(peer = %self.peers.config(index).region, origins = ?hello.origins, "peer subscribed");
+        let applied = self
+            .engine
+            .store()
+            .version_vector()
+            .map_err(NodeError::from)?;
         let welcome = pb::ProviderFrame {
             sender_hlc: self.engine.clock().now().map_err(NodeError::from)?.as_u64(),
-            body: Some(pb::provider_frame::Body::Welcome(pb::Welcome {
-                protocol_version: PEER_PROTOCOL_VERSION,
-                region: store.identity().region.clone(),
-                replica_id: store.identity().replica.0,
-                applied: Some((&applied).into()),
-            })),
+            body: Some(pb::provider_frame::Body::Welcome(welcome(
+                &self.engine,
+                &applied,
+            ))),
         };
         let (tx, rx) = mpsc::channel(PROVIDER_QUEUE_FRAMES);
         // The queue is new and empty: this cannot block.
         let _ = tx.try_send(Ok(welcome));
-        let index = self
-            .peers
-            .index_of(hello.replica_id)
-            .ok_or_else(|| Status::internal("a checked peer has no index"))?;
         let provider = Provider {
             engine: self.engine.clone(),
             peers: self.peers.clone(),

@@ -30,7 +30,8 @@ use tonic::{Status, Streaming};
 
 use crate::engine::Engine;
 use crate::error::NodeError;
-use crate::peer::{Peers, Refusal};
+use crate::handshake::{observe_clock, LinkError, PeerFault};
+use crate::peer::Peers;
 use crate::subscribe::Appended;
 
 /// Most deltas in one batch.
@@ -206,14 +207,7 @@ impl Provider {
                 return Ok(false);
             }
         };
-        let clock = self.engine.clock();
-        let remote = Hlc::from_u64(frame.sender_hlc);
-        self.peers
-            .contact(self.index, remote, clock.physical_unix_ms());
-        if let Err(e) = clock.observe(remote) {
-            self.peers.refused_by_index(self.index, Refusal::ClockDrift);
-            return Err(Status::failed_precondition(format!("refused: {e}")));
-        }
+        observe_clock(&self.engine, &self.peers, self.index, frame.sender_hlc)?;
         match frame.body {
             Some(pb::subscriber_frame::Body::Ack(ack)) => {
                 let acked: VersionVector = ack.applied.unwrap_or_default().into();
@@ -229,10 +223,11 @@ impl Provider {
                 self.sent.merge(&theirs);
             }
             Some(pb::subscriber_frame::Body::Hello(_)) | None => {
-                self.peers.refused_by_index(self.index, Refusal::BadBatch);
-                return Err(Status::invalid_argument(
-                    "only the first frame may be a Hello, and every frame needs a body",
-                ));
+                return Err(LinkError::Peer(PeerFault::BadData(
+                    "only the first frame may be a Hello, and every frame needs a body".into(),
+                ))
+                .counted(&self.peers, self.index)
+                .into());
             }
         }
         Ok(true)
@@ -479,20 +474,6 @@ pub(crate) struct Applier {
     snapshot: Option<(VersionVector, u64)>,
 }
 
-/// Why applying a frame failed.
-pub(crate) enum ApplyError {
-    /// The peer sent something invalid; counted, and the stream restarts.
-    Refused(String),
-    /// This node could not apply it.
-    Local(String),
-}
-
-impl From<NodeError> for ApplyError {
-    fn from(e: NodeError) -> Self {
-        ApplyError::Local(e.to_string())
-    }
-}
-
 impl Applier {
     pub(crate) fn new(engine: Engine, peers: Peers, index: usize) -> Self {
         Applier {
@@ -503,9 +484,9 @@ impl Applier {
         }
     }
 
-    fn refuse(&self, why: Refusal, message: String) -> ApplyError {
-        self.peers.refused_by_index(self.index, why);
-        ApplyError::Refused(message)
+    /// Refuses (and counts) what the peer sent.
+    fn refuse(&self, message: String) -> LinkError {
+        LinkError::Peer(PeerFault::BadData(message)).counted(&self.peers, self.index)
     }
 
     /// Applies delta batches (their frames' clocks already observed) in
@@ -514,12 +495,9 @@ impl Applier {
         &mut self,
         batches: Vec<pb::DeltaBatch>,
         bytes: u64,
-    ) -> Result<bool, ApplyError> {
+    ) -> Result<bool, LinkError> {
         if self.snapshot.is_some() {
-            return Err(self.refuse(
-                Refusal::BadBatch,
-                "deltas in the middle of a snapshot".into(),
-            ));
+            return Err(self.refuse("deltas in the middle of a snapshot".into()));
         }
         let limits = self.engine.store().limits().clone();
         let mut deltas = Vec::new();
@@ -527,15 +505,13 @@ impl Applier {
         for batch in batches {
             let count = batch.deltas.len();
             if count > BATCH_MAX_DELTAS {
-                return Err(self.refuse(
-                    Refusal::BadBatch,
-                    format!("a batch of {count} deltas; at most {BATCH_MAX_DELTAS}"),
-                ));
+                return Err(self.refuse(format!(
+                    "a batch of {count} deltas; at most {BATCH_MAX_DELTAS}"
+                )));
             }
             for d in batch.deltas {
-                let d = concord_core::Delta::decode(&d, &limits).map_err(|e| {
-                    self.refuse(Refusal::BadBatch, format!("undecodable delta: {e}"))
-                })?;
+                let d = concord_core::Delta::decode(&d, &limits)
+                    .map_err(|e| self.refuse(format!("undecodable delta: {e}")))?;
                 newest = newest.max(d.hlc);
                 deltas.push(d);
             }
@@ -543,7 +519,7 @@ impl Applier {
         let clock = self.engine.clock();
         clock
             .observe(newest)
-            .map_err(|e| self.refuse(Refusal::ClockDrift, format!("a delta's clock: {e}")))?;
+            .map_err(|e| LinkError::Clock(e).counted(&self.peers, self.index))?;
         let hwm = clock.last();
         let (report, deltas) = match self.engine.apply_remote(deltas, hwm).await {
             Ok(applied) => applied,
@@ -552,7 +528,7 @@ impl Applier {
                 | StoreError::OwnDeltaAhead { .. }
                 | StoreError::Core(_)),
             )) => {
-                return Err(self.refuse(Refusal::BadBatch, format!("batch refused: {e}")));
+                return Err(self.refuse(format!("batch refused: {e}")));
             }
             Err(e) => return Err(e.into()),
         };
@@ -596,7 +572,7 @@ impl Applier {
 
     /// Applies one frame (its clock already observed); returns whether it
     /// changed what this node holds, so an ack is due once that is durable.
-    pub(crate) async fn apply(&mut self, frame: pb::ProviderFrame) -> Result<bool, ApplyError> {
+    pub(crate) async fn apply(&mut self, frame: pb::ProviderFrame) -> Result<bool, LinkError> {
         let bytes = prost::Message::encoded_len(&frame) as u64;
         match frame.body {
             Some(pb::provider_frame::Body::Deltas(batch)) => {
@@ -609,23 +585,17 @@ impl Applier {
             }
             Some(pb::provider_frame::Body::SnapshotChunk(chunk)) => {
                 let Some((_, chunks)) = self.snapshot.as_mut() else {
-                    return Err(self.refuse(
-                        Refusal::BadBatch,
-                        "a snapshot chunk outside a snapshot".into(),
-                    ));
+                    return Err(self.refuse("a snapshot chunk outside a snapshot".into()));
                 };
                 *chunks += 1;
-                let chunk = chunk_from_proto(chunk).map_err(|e| {
-                    self.refuse(Refusal::BadBatch, format!("bad snapshot chunk: {e}"))
-                })?;
+                let chunk = chunk_from_proto(chunk)
+                    .map_err(|e| self.refuse(format!("bad snapshot chunk: {e}")))?;
                 let imported =
                     blocking(&self.engine, move |store| store.import_chunk(&chunk)).await;
                 match imported {
                     Ok(_) => {}
                     Err(NodeError::Store(e @ StoreError::Core(_))) => {
-                        return Err(
-                            self.refuse(Refusal::BadBatch, format!("snapshot chunk refused: {e}"))
-                        );
+                        return Err(self.refuse(format!("snapshot chunk refused: {e}")));
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -634,19 +604,13 @@ impl Applier {
             }
             Some(pb::provider_frame::Body::SnapshotEnd(end)) => {
                 let Some((covers, chunks)) = self.snapshot.take() else {
-                    return Err(self.refuse(
-                        Refusal::BadBatch,
-                        "a snapshot end outside a snapshot".into(),
-                    ));
+                    return Err(self.refuse("a snapshot end outside a snapshot".into()));
                 };
                 if chunks != end.chunks {
-                    return Err(self.refuse(
-                        Refusal::BadBatch,
-                        format!(
-                            "the snapshot announced {} chunks; {chunks} arrived",
-                            end.chunks
-                        ),
-                    ));
+                    return Err(self.refuse(format!(
+                        "the snapshot announced {} chunks; {chunks} arrived",
+                        end.chunks
+                    )));
                 }
                 let hwm = self.engine.clock().last();
                 blocking(&self.engine, move |store| {
@@ -669,7 +633,6 @@ impl Applier {
                 Ok(false)
             }
             Some(pb::provider_frame::Body::Welcome(_)) | None => Err(self.refuse(
-                Refusal::BadBatch,
                 "only the first frame may be a Welcome, and every frame needs a body".into(),
             )),
         }

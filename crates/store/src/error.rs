@@ -78,9 +78,15 @@ pub enum StoreError {
     #[error("flush task: {0}")]
     FlushTask(#[from] crate::offload::OffloadFailed),
 
-    /// Stored bytes do not decode, or stored records disagree.
+    /// Stored bytes do not decode, or stored records disagree: the disk
+    /// (or whoever wrote to it) is at fault.
     #[error("corrupt store: {0}")]
     Corrupt(String),
+
+    /// An invariant of this build broke: a bug here, not bad data on disk
+    /// nor bad input.
+    #[error("internal error (a bug): {0}")]
+    Bug(String),
 
     /// A write names a keyspace that is not declared.
     #[error("keyspace {name:?} of type {ty} is not declared")]

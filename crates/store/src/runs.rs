@@ -100,7 +100,7 @@ impl LogRuns {
         bytes: &[u8],
     ) -> TxResult<()> {
         let Ok(length) = u32::try_from(bytes.len()) else {
-            return abort(StoreError::Corrupt(format!(
+            return abort(StoreError::Bug(format!(
                 "a delta of {} bytes does not fit a log record",
                 bytes.len()
             )));

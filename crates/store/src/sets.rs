@@ -64,7 +64,7 @@ impl MemberOverlay {
     fn members(&self, name: &str, key: &str) -> Result<Vec<(Vec<u8>, MemberDots)>> {
         let prefix = layout::key_prefix(name, key);
         if !self.loaded.contains(&prefix) {
-            return Err(StoreError::Corrupt(format!(
+            return Err(StoreError::Bug(format!(
                 "set {name:?}/{key:?} read whole but not preloaded"
             )));
         }
@@ -187,7 +187,7 @@ impl<'a> TxSet<'a> {
             overlay.members.written.insert(rk, row);
         }
         if let Some(member) = present.into_keys().next() {
-            return abort(StoreError::Corrupt(format!(
+            return abort(StoreError::Bug(format!(
                 "a set operation produced member {member:?} it was not given"
             )));
         }

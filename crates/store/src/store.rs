@@ -283,7 +283,7 @@ impl Store {
                     )));
                 }
                 let identity_bytes = postcard::to_stdvec(&identity)
-                    .map_err(|e| StoreError::Corrupt(format!("encoding identity: {e}")))?;
+                    .map_err(|e| StoreError::Bug(format!("encoding identity: {e}")))?;
                 let mut batch = sled::Batch::default();
                 batch.insert(meta::IDENTITY, identity_bytes);
                 batch.insert(meta::FORMAT, &FORMAT_VERSION.to_be_bytes());
@@ -635,7 +635,7 @@ impl Store {
         let view = self
             .catalog()?
             .describe(name)
-            .ok_or_else(|| StoreError::Corrupt(format!("declared {name:?} but cannot read it")))?;
+            .ok_or_else(|| StoreError::Bug(format!("declared {name:?} but cannot read it")))?;
         Ok((view, true, receipt))
     }
 
@@ -652,7 +652,7 @@ impl Store {
         self.after_trim(trimmed);
         receipts
             .pop()
-            .ok_or_else(|| StoreError::Corrupt("a write produced no receipt".into()))
+            .ok_or_else(|| StoreError::Bug("a write produced no receipt".into()))
     }
 
     /// Runs independent local batches, each as [`Store::write`] would, in
@@ -701,7 +701,7 @@ impl Store {
                     trimmed |= t;
                     receipts
                         .pop()
-                        .ok_or_else(|| StoreError::Corrupt("a write produced no receipt".into()))
+                        .ok_or_else(|| StoreError::Bug("a write produced no receipt".into()))
                 })
                 .collect(),
             Err(e) => vec![Err(e)],
@@ -787,7 +787,7 @@ impl Store {
                         continue;
                     }
                     let Some(&hlc) = stamps.next() else {
-                        return abort(StoreError::Corrupt("missing stamp".into()));
+                        return abort(StoreError::Bug("missing stamp".into()));
                     };
                     // The catalog cannot change inside the transaction:
                     // each keyspace is looked up once.
@@ -1114,7 +1114,7 @@ impl Store {
             let out = body(&staging.data()).map_err(|e| match e {
                 ConflictableTransactionError::Abort(e) => e,
                 ConflictableTransactionError::Storage(e) => StoreError::Sled(e),
-                _ => StoreError::Corrupt("a staged commit reported a conflict".into()),
+                _ => StoreError::Bug("a staged commit reported a conflict".into()),
             })?;
             return Ok((out, Some(staging)));
         }
@@ -1147,9 +1147,7 @@ impl Store {
         wait: bool,
     ) -> Result<u64> {
         let Some(journal) = &self.journal else {
-            return Err(StoreError::Corrupt(
-                "a staged commit without a journal".into(),
-            ));
+            return Err(StoreError::Bug("a staged commit without a journal".into()));
         };
         journal.check()?;
         let (deltas, encoded): (Vec<Delta>, Vec<Vec<u8>>) = fresh.into_iter().unzip();
@@ -1217,7 +1215,7 @@ impl Store {
     /// Records a peer's acknowledged version vector.
     pub fn set_peer_ack(&self, peer: ReplicaId, acked: &VersionVector) -> Result<()> {
         let bytes = postcard::to_stdvec(acked)
-            .map_err(|e| StoreError::Corrupt(format!("encoding ack: {e}")))?;
+            .map_err(|e| StoreError::Bug(format!("encoding ack: {e}")))?;
         self.t.acks.insert(layout::replica_key(peer), bytes)?;
         Ok(())
     }
@@ -1261,9 +1259,9 @@ impl Store {
             command,
         } = item;
         if command.is_write() {
-            return Err(StoreError::Core(CoreError::Bug(format!(
+            return Err(StoreError::Bug(format!(
                 "{command:?} is a write, not a read"
-            ))));
+            )));
         }
         if command.crdt_type() != keyspace.ty {
             return Err(StoreError::Core(CoreError::TypeMismatch {
@@ -1689,7 +1687,7 @@ pub(crate) fn tx_declare(
             catalog.insert(key, bytes)?;
             Ok(())
         }
-        Err(e) => abort(StoreError::Corrupt(format!("encoding marker: {e}"))),
+        Err(e) => abort(StoreError::Bug(format!("encoding marker: {e}"))),
     }
 }
 
@@ -1790,7 +1788,7 @@ pub(crate) fn tx_put_row(
     }
     let bytes = match postcard::to_stdvec(fields) {
         Ok(b) => b,
-        Err(e) => return abort(StoreError::Corrupt(format!("encoding entry: {e}"))),
+        Err(e) => return abort(StoreError::Bug(format!("encoding entry: {e}"))),
     };
     rows.insert(rk.clone(), bytes.clone())?;
     overlay.inserted.insert(rk, bytes);
