@@ -1,8 +1,18 @@
 //! Durable region state for concord, in sled 0.34.
 //!
-//! - [`Store`]: opens a region's data directory (refusing one of another
-//!   region, of an unknown format, or corrupted), applies local writes and
-//!   remote deltas atomically, and serves reads.
+//! - [`Store`] (`store`): the region's state, the writer lock, and the
+//!   committer: where a commit runs (staged, or in a sled transaction),
+//!   its journal write, and the durability waits. Its other methods live
+//!   along the store's seams:
+//!   - `open`: opening a data directory (refusing one of another region,
+//!     of an unknown format, or corrupted) and recovering it; `options`:
+//!     [`Identity`] and [`StoreOptions`];
+//!   - `local`: a client's batches ([`Item`]), prepared, stamped, logged;
+//!   - `remote`: a peer's delta batches, and the journal's replay;
+//!   - `reads`: values, lone reads, ranges, the catalog (kept in memory),
+//!     the version vector, the logs;
+//!   - `records`: the record primitives every commit uses (values, stream
+//!     rows, declarations, the clock's high-water mark).
 //! - [`layout`]: how the state maps onto sled trees and keys, and why.
 //! - [`durability`]: group commit: a write is acknowledged after a flush
 //!   that concurrent writes share (`group`), or before it (`relaxed`).
@@ -18,6 +28,9 @@
 //!   peers tailing them.
 //! - `runs`: the log's records, each a run of one origin's consecutive
 //!   deltas.
+//! - `rw`: one tree as a commit sees it (a sled transaction, or writes
+//!   staged in memory), and the commit's result type.
+//! - `sets`: sets stored member by member.
 //! - [`snapshot`]: chunked export of the whole state and its import by
 //!   CvRDT merge, for catch-up.
 //! - [`StoreError`]: the crate's one error type.
@@ -34,10 +47,16 @@ pub mod durability;
 mod error;
 pub mod journal;
 pub mod layout;
+mod local;
 pub mod logs;
 pub mod offload;
+mod open;
+mod options;
 mod pipeline;
+mod reads;
 pub mod recent;
+mod records;
+mod remote;
 mod runs;
 mod rw;
 mod sets;
@@ -46,7 +65,9 @@ mod store;
 
 pub use durability::Durability;
 pub use error::{Result, StoreError};
+pub use local::Item;
 pub use logs::{LogStats, TruncateReport};
 pub use offload::{Offload, OffloadFailed};
+pub use options::{Identity, StoreOptions};
 pub use snapshot::{Declaration, ImportReport, SnapshotChunk, SnapshotCursor, SnapshotValue};
-pub use store::{ApplyReport, Identity, Item, Store, StoreOptions, WriteReceipt};
+pub use store::{ApplyReport, Store, WriteReceipt};

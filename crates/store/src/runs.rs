@@ -20,8 +20,7 @@ use concord_core::ReplicaId;
 
 use crate::error::{Result, StoreError};
 use crate::layout;
-use crate::rw::Rw;
-use crate::store::{abort, TxResult};
+use crate::rw::{abort, Rw, TxResult};
 
 /// Most deltas in one log record.
 pub const RUN_MAX_DELTAS: usize = 256;

@@ -32,11 +32,11 @@
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::IVec;
 
+use crate::error::StoreError;
 use crate::layout;
-use crate::store::TxResult;
 
 /// One tree as a commit sees it.
 pub(crate) enum Rw<'a> {
@@ -149,7 +149,7 @@ pub(crate) struct Staging {
 
 impl Staging {
     /// Nothing staged yet, over these trees.
-    pub(crate) fn over(t: &crate::store::Trees) -> Staging {
+    pub(crate) fn over(t: &Trees) -> Staging {
         Staging {
             catalog: Staged::over(&t.catalog),
             values: Staged::over(&t.values),
@@ -293,11 +293,11 @@ mod tests {
         assert!(tree.get("gone").unwrap().is_none());
     }
 
-    fn trees() -> (tempfile::TempDir, crate::store::Trees) {
+    fn trees() -> (tempfile::TempDir, Trees) {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let open = |name: &str| db.open_tree(name).unwrap();
-        let t = crate::store::Trees {
+        let t = Trees {
             meta: open("meta"),
             catalog: open("catalog"),
             values: open("values"),
@@ -403,5 +403,30 @@ mod tests {
             !own.depends_on(&earlier, false),
             "reading its own write reads nothing from sled"
         );
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct Trees {
+    pub(crate) meta: sled::Tree,
+    pub(crate) catalog: sled::Tree,
+    pub(crate) values: sled::Tree,
+    pub(crate) rows: sled::Tree,
+    pub(crate) members: sled::Tree,
+    pub(crate) log: sled::Tree,
+    pub(crate) vv: sled::Tree,
+    pub(crate) acks: sled::Tree,
+}
+
+pub(crate) type TxResult<T> = std::result::Result<T, ConflictableTransactionError<StoreError>>;
+
+pub(crate) fn abort<T>(e: impl Into<StoreError>) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e.into()))
+}
+
+pub(crate) fn from_tx(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Sled(e),
     }
 }

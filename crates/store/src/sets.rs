@@ -12,7 +12,7 @@
 //! transactions cannot do: the committed members of the sets a transaction
 //! reads whole are loaded before it starts ([`MemberOverlay::preload`])
 //! and the transaction's own member writes are laid over them, as
-//! [`Overlay`](crate::store::Overlay) does for stream rows. Outside a
+//! [`Overlay`](crate::records::Overlay) does for stream rows. Outside a
 //! transaction a whole set is read under the writer lock, so its header
 //! and members are of the same commit.
 
@@ -24,7 +24,7 @@ use concord_core::KeyspaceId;
 use crate::error::{Result, StoreError};
 use crate::layout;
 use crate::rw::Rw;
-use crate::store::{abort, Overlay, Store, TxResult};
+use crate::rw::{abort, TxResult};
 
 /// The committed member rows of the sets a transaction reads whole, read
 /// before it started, and the member rows it has written since.
@@ -87,7 +87,7 @@ impl MemberOverlay {
     }
 }
 
-fn decode_member(member: &[u8], dots: &[u8]) -> Result<(Vec<u8>, MemberDots)> {
+pub(crate) fn decode_member(member: &[u8], dots: &[u8]) -> Result<(Vec<u8>, MemberDots)> {
     let dots = MemberDots::decode(dots)
         .map_err(|e| StoreError::Corrupt(format!("set member row: {e}")))?;
     Ok((member.to_vec(), dots))
@@ -151,12 +151,9 @@ impl<'a> TxSet<'a> {
     }
 
     /// The whole set, from the overlay (which must have preloaded it).
-    pub(crate) fn whole(&self, values: &Rw<'_>, overlay: &Overlay) -> TxResult<Set> {
+    pub(crate) fn whole(&self, values: &Rw<'_>, overlay: &MemberOverlay) -> TxResult<Set> {
         let header = tx_header(values, &self.vkey)?;
-        let rows = overlay
-            .members
-            .members(self.name, self.key)
-            .or_else(abort)?;
+        let rows = overlay.members(self.name, self.key).or_else(abort)?;
         from_parts(header, rows).or_else(abort)
     }
 
@@ -167,7 +164,7 @@ impl<'a> TxSet<'a> {
         &self,
         values: &Rw<'_>,
         members: &Rw<'_>,
-        overlay: &mut Overlay,
+        overlay: &mut MemberOverlay,
         set: &Set,
         needed: &BTreeSet<Vec<u8>>,
     ) -> TxResult<()> {
@@ -184,7 +181,7 @@ impl<'a> TxSet<'a> {
                 Some(bytes) => members.insert(rk.as_slice(), bytes.as_slice())?,
                 None => members.remove(rk.as_slice())?,
             };
-            overlay.members.written.insert(rk, row);
+            overlay.written.insert(rk, row);
         }
         if let Some(member) = present.into_keys().next() {
             return abort(StoreError::Bug(format!(
@@ -192,53 +189,5 @@ impl<'a> TxSet<'a> {
             )));
         }
         Ok(())
-    }
-}
-
-impl Store {
-    /// One whole set, its header and members read under the writer lock,
-    /// with no queued commit being written, so that both are of the same
-    /// commit, and the bytes of its member rows.
-    pub(crate) fn whole_set(&self, name: &str, key: &str, vkey: &[u8]) -> Result<(Set, usize)> {
-        let _writer = self.lock_writer();
-        let _applying = self.lock_applying();
-        let header = match self.t.values.get(vkey)? {
-            None => SetHeader::default(),
-            Some(bytes) => decode_header(&bytes)?,
-        };
-        let prefix = layout::key_prefix(name, key);
-        let mut rows = Vec::new();
-        let mut bytes = 0;
-        for item in self.t.members.scan_prefix(&prefix) {
-            let (k, v) = item?;
-            bytes += k.len() + v.len();
-            rows.push(decode_member(&k[prefix.len()..], &v)?);
-        }
-        Ok((from_parts(header, rows)?, bytes))
-    }
-
-    /// The slice of one set holding the members `named` (see
-    /// [`TxSet::slice`]), read as [`Store::whole_set`] reads.
-    pub(crate) fn set_slice(
-        &self,
-        name: &str,
-        key: &str,
-        vkey: &[u8],
-        named: &[Vec<u8>],
-    ) -> Result<Set> {
-        let _writer = self.lock_writer();
-        let _applying = self.lock_applying();
-        let header = match self.t.values.get(vkey)? {
-            None => SetHeader::default(),
-            Some(bytes) => decode_header(&bytes)?,
-        };
-        let needed = header.slice_members(named);
-        let mut rows = Vec::with_capacity(needed.len());
-        for member in &needed {
-            if let Some(v) = self.t.members.get(layout::member_key(name, key, member))? {
-                rows.push(decode_member(member, &v)?);
-            }
-        }
-        from_parts(header, rows)
     }
 }

@@ -31,12 +31,12 @@ use sled::Transactional;
 use crate::error::Result;
 use crate::layout;
 use crate::logs::TRUNCATE_STEP_RECORDS;
-use crate::rw::Rw;
-use crate::sets::{MemberOverlay, TxSet};
-use crate::store::{
-    decode_value, from_tx, tx_declare, tx_put_row, tx_raise_hlc, tx_raise_watermark, tx_value,
-    Overlay, Store,
+use crate::records::{
+    decode_value, tx_declare, tx_put_row, tx_raise_hlc, tx_raise_watermark, tx_value, Overlay,
 };
+use crate::rw::{from_tx, Rw};
+use crate::sets::{MemberOverlay, TxSet};
+use crate::store::Store;
 
 /// A keyspace declaration carried by a snapshot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,7 +251,7 @@ impl Store {
                         if id < r.watermark {
                             continue;
                         }
-                        let entry = crate::store::decode_row(&k, &v)?;
+                        let entry = crate::records::decode_row(&k, &v)?;
                         bytes += k.len() + v.len();
                         r.entries.push((entry.id, entry.fields));
                         if bytes >= max_bytes {
@@ -363,16 +363,16 @@ impl Store {
                         }
                         (Value::Set(_), Value::Set(theirs)) => {
                             let set = TxSet::of(&v.keyspace, &v.key);
-                            let mut mine = set.whole(values, &overlay)?;
+                            let mut mine = set.whole(values, &overlay.members)?;
                             let mut touched: BTreeSet<Vec<u8>> =
                                 mine.members().into_iter().collect();
                             mine.merge(theirs);
                             touched.extend(mine.members());
-                            set.store(values, members, &mut overlay, &mine, &touched)?;
+                            set.store(values, members, &mut overlay.members, &mine, &touched)?;
                         }
                         (current, theirs) => {
                             if let Err(e) = current.merge(theirs) {
-                                return crate::store::abort(e);
+                                return crate::rw::abort(e);
                             }
                             values
                                 .insert(layout::value_key(&v.keyspace, &v.key), current.encode())?;
