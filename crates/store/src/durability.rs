@@ -50,12 +50,22 @@ pub enum Durability {
     Relaxed,
 }
 
+/// Least time between the starts of two sled flushes that make a
+/// relaxed store's commits durable ([`GroupCommit::wait_flushed`]).
+pub const RELAXED_FLUSH_SPACING: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Commit numbers and the flush that makes them durable.
 pub(crate) struct GroupCommit {
     committed: AtomicU64,
     durable: watch::Sender<u64>,
     flusher: Mutex<()>,
     flushes: AtomicU64,
+    /// When the last sled flush of a relaxed store started.
+    sled_flushed_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The flush leader's hold on the flush lock. When dropped it first
@@ -83,6 +93,7 @@ impl GroupCommit {
             durable: watch::Sender::new(0),
             flusher: Mutex::new(()),
             flushes: AtomicU64::new(0),
+            sled_flushed_at: std::sync::Mutex::new(None),
         }
     }
 
@@ -174,6 +185,14 @@ impl GroupCommit {
     /// other regions holding what this one lost (docs/DECISIONS.md).
     pub(crate) async fn wait_flushed(&self, db: &sled::Db, n: u64, offload: Offload) -> Result<()> {
         self.lead_or_follow(n, || async {
+            // Flushes start at most every RELAXED_FLUSH_SPACING: back to
+            // back they took a quarter of a busy region's throughput, and
+            // what waits for them (shipping, acks) need not be faster.
+            let due = lock(&self.sled_flushed_at).map(|at| at + RELAXED_FLUSH_SPACING);
+            if let Some(due) = due {
+                tokio::time::sleep_until(due).await;
+            }
+            *lock(&self.sled_flushed_at) = Some(tokio::time::Instant::now());
             // Every commit numbered so far is in sled's memory: the flush
             // below covers them all.
             let through = self.last_committed();

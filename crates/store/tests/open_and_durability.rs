@@ -339,6 +339,19 @@ async fn relaxed_mode_flushes_before_anything_leaves_the_region() {
     }
     store.sync().await.expect("sync again");
     assert_eq!(store.flush_count(), 2, "nothing new to flush");
+    // Flushes are spaced: the next one starts no sooner than
+    // RELAXED_FLUSH_SPACING after the one before.
+    let started = std::time::Instant::now();
+    incr(&store, &clock);
+    store.sync().await.expect("sync");
+    incr(&store, &clock);
+    store.sync().await.expect("sync");
+    assert_eq!(store.flush_count(), 4);
+    assert!(
+        started.elapsed() >= concord_store::durability::RELAXED_FLUSH_SPACING,
+        "two flushes within {:?}",
+        started.elapsed()
+    );
 }
 
 /// `sync` covers everything committed before it, flushing only when some
