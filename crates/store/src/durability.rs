@@ -130,13 +130,30 @@ impl GroupCommit {
             lock: Some(lock),
             durable: &self.durable,
         };
+        self.write_out(journal, pipeline, db, offload)
+    }
+
+    /// The one place a store with a journal makes commits durable: writes
+    /// and syncs what the journal holds pending, writes to sled every
+    /// queued commit the write made durable ([`write_and_apply`]),
+    /// publishes the highest commit number it covered, and starts the
+    /// checkpoint or the next segment's preparation when due. Callers
+    /// serialize it: a flush leader ([`GroupCommit::wait`],
+    /// [`GroupCommit::flush_now`]), or whoever holds the writer lock.
+    pub(crate) fn write_out(
+        &self,
+        journal: &Journal,
+        pipeline: &Pipeline,
+        db: &sled::Db,
+        offload: Offload,
+    ) -> Result<()> {
         let written = write_and_apply(journal, pipeline)?;
         self.written(written, db, offload);
         Ok(())
     }
 
     /// Publishes what a flush made durable and starts its checkpoint.
-    pub(crate) fn written(&self, written: Written, db: &sled::Db, offload: Offload) {
+    fn written(&self, written: Written, db: &sled::Db, offload: Offload) {
         self.flushes.fetch_add(1, Ordering::Relaxed);
         self.durable.send_modify(|d| *d = (*d).max(written.through));
         if let Some(checkpoint) = written.checkpoint {
@@ -157,7 +174,7 @@ impl GroupCommit {
     /// Waits until commit `n` is durable, writing the journal if no one
     /// else is; `db` is flushed by the checkpoints the write may start.
     pub(crate) async fn wait(
-        &self,
+        self: &Arc<Self>,
         journal: &Arc<Journal>,
         pipeline: &Arc<Pipeline>,
         db: &sled::Db,
@@ -166,13 +183,12 @@ impl GroupCommit {
     ) -> Result<()> {
         self.lead_or_follow(n, || async {
             journal.check()?;
-            let (writing, queue) = (journal.clone(), pipeline.clone());
-            let written = offload
-                .run(move || write_and_apply(&writing, &queue))
+            let (group, writing, queue, db) =
+                (self.clone(), journal.clone(), pipeline.clone(), db.clone());
+            offload
+                .run(move || group.write_out(&writing, &queue, &db, offload))
                 .await
-                .map_err(|e| StoreError::Journal(e.to_string()))??;
-            self.written(written, db, offload);
-            Ok(())
+                .map_err(|e| StoreError::Journal(e.to_string()))?
         })
         .await
     }

@@ -6,15 +6,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use concord_core::catalog::KeyspaceView;
 use concord_core::crdt::{Stream, StreamCommand, StreamId};
 use concord_core::{
-    Access, Clock, Command, CoreError, CrdtType, Delta, KeyspaceId, Op, Outcome, Stamp, Value,
+    Access, Clock, Command, CoreError, CrdtType, Delta, Hlc, KeyspaceId, Limits, Op, Outcome,
+    ReplicaId, Stamp, Value,
 };
 
 use crate::error::{Result, StoreError};
-use crate::layout::{self};
+use crate::layout;
 use crate::records::{is_trim, tx_apply, tx_declare, tx_raise_hlc, tx_value, Overlay, RowNeed};
+use crate::runs::LogRuns;
 use crate::rw::{abort, Data, Rw, TxResult};
 use crate::sets::{MemberOverlay, TxSet};
-use crate::store::{Store, WriteReceipt, Writer};
+use crate::store::{CommitKind, Journaling, Store, WriteReceipt, Writer};
 
 /// One command of a local batch, on a keyspace the catalog resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,7 +113,7 @@ impl Store {
         let bytes = delta.encode_checked(&self.options.limits)?;
         let marker = delta.marker();
         let hwm = clock.last();
-        let ((), staging) = self.run_data(true, |data| {
+        let ((), staging) = self.run_data(CommitKind::Local, |data| {
             tx_declare(&data.catalog, name, ty, marker)?;
             let mut runs = self.log_runs();
             runs.push(&data.log, delta.origin, seq, &bytes)?;
@@ -122,14 +124,9 @@ impl Store {
             Ok(())
         })?;
         let logged = bytes.len() as u64;
-        let commit = match staging {
-            Some(staging) => self.commit_staged(staging, vec![(delta, bytes)], true)?,
-            None => {
-                let commit = self.commit([bytes.as_slice()]);
-                self.pipeline.show([(delta, bytes.len())]);
-                commit
-            }
-        };
+        let commit = self
+            .commit_local(staging, vec![(delta, bytes)], Journaling::Now)?
+            .ok_or_else(|| StoreError::Bug("a declaration was not committed".into()))?;
         w.next_seq = seq + 1;
         self.account_log(&mut w, self.identity.replica, 1, logged);
         self.catalog_changed();
@@ -154,7 +151,8 @@ impl Store {
     /// batch is durable when this returns.
     pub fn write(&self, clock: &Clock, items: &[Item]) -> Result<WriteReceipt> {
         let mut w = self.lock_writer();
-        let (mut receipts, trimmed) = self.write_locked(&mut w, clock, &[items], true)?;
+        let (mut receipts, trimmed) =
+            self.write_locked(&mut w, clock, &[items], Journaling::Now)?;
         drop(w);
         self.after_trim(trimmed);
         receipts
@@ -173,7 +171,7 @@ impl Store {
     /// items it hands over at once. In group mode the batches are durable
     /// when this returns.
     pub fn write_many(&self, clock: &Clock, batches: &[&[Item]]) -> Vec<Result<WriteReceipt>> {
-        self.write_many_then(clock, batches, true)
+        self.write_many_then(clock, batches, Journaling::Now)
     }
 
     /// [`Store::write_many`] without waiting for the journal: in group mode
@@ -185,18 +183,18 @@ impl Store {
     /// reads ranges or whole sets, trims a stream, or depends on a queued
     /// commit waits for the queue's journal write first, under the lock.
     pub fn stage_many(&self, clock: &Clock, batches: &[&[Item]]) -> Vec<Result<WriteReceipt>> {
-        self.write_many_then(clock, batches, false)
+        self.write_many_then(clock, batches, Journaling::Queued)
     }
 
     pub(crate) fn write_many_then(
         &self,
         clock: &Clock,
         batches: &[&[Item]],
-        wait: bool,
+        journaling: Journaling,
     ) -> Vec<Result<WriteReceipt>> {
         let mut w = self.lock_writer();
         let mut trimmed = false;
-        let results = match self.write_locked(&mut w, clock, batches, wait) {
+        let results = match self.write_locked(&mut w, clock, batches, journaling) {
             Ok((receipts, t)) => {
                 trimmed = t;
                 receipts.into_iter().map(Ok).collect()
@@ -204,7 +202,7 @@ impl Store {
             Err(_) if batches.len() > 1 => batches
                 .iter()
                 .map(|b| {
-                    let (mut receipts, t) = self.write_locked(&mut w, clock, &[b], wait)?;
+                    let (mut receipts, t) = self.write_locked(&mut w, clock, &[b], journaling)?;
                     trimmed |= t;
                     receipts
                         .pop()
@@ -219,175 +217,81 @@ impl Store {
     }
 
     /// [`Store::write_many`] with the writer lock held, all batches in one
-    /// commit, durable on return when `wait` says so (or when it trims a
-    /// stream: the sweep reads sled); also says whether a stream was
-    /// trimmed.
+    /// commit, durable on return with [`Journaling::Now`] (or when it
+    /// trims a stream: the sweep reads sled); also says whether a stream
+    /// was trimmed.
     pub(crate) fn write_locked(
         &self,
         w: &mut Writer,
         clock: &Clock,
         batches: &[&[Item]],
-        wait: bool,
+        journaling: Journaling,
     ) -> Result<(Vec<WriteReceipt>, bool)> {
-        let mut hlcs = Vec::new();
-        for item in batches.iter().flat_map(|b| b.iter()) {
-            if item.command.is_write() {
-                hlcs.push(clock.now()?);
-            }
-        }
-        let hwm = clock.last();
         let me = self.identity.replica;
-        let limits = &self.options.limits;
+        let stamps = batches
+            .iter()
+            .flat_map(|b| b.iter())
+            .filter(|item| item.command.is_write())
+            .map(|_| clock.now())
+            .collect::<concord_core::Result<Vec<Hlc>>>()?;
+        let hwm = clock.last();
         let first_seq = w.next_seq;
-        let items = || batches.iter().flat_map(|b| b.iter());
-        let whole_sets: Vec<(&str, &str)> = items()
-            .filter(|item| item.command.access() == Access::WholeSet)
-            .map(|item| (item.keyspace.name.as_str(), item.key.as_str()))
-            .collect();
-        // Ranges (and the watermarks bounding them) are read from sled
-        // before the commit: it must hold every commit before this one.
-        let ranges = items().any(|item| matches!(item.command.access(), Access::Range { .. }));
-        if ranges || !whole_sets.is_empty() {
-            self.drain()?;
-        }
-        let row_needs = self.row_needs_of_items(batches)?;
-        let mut preloaded = Overlay::preload(&self.t.rows, &row_needs)?;
-        preloaded.members = MemberOverlay::preload(&self.t.members, whole_sets)?;
+        let preloaded = self.preload_for(batches)?;
         let body = |data: &Data<'_>| {
-            let Data {
-                catalog,
-                values,
-                rows,
-                members,
-                log,
-                vv,
-                meta,
-            } = data;
-            let mut seq = first_seq - 1;
-            let mut logged = 0u64;
-            let mut fresh = Vec::new();
-            let mut trimmed = false;
-            let mut overlay = preloaded.clone();
-            let mut stamps = hlcs.iter();
-            let mut declared: BTreeSet<&KeyspaceId> = BTreeSet::new();
+            let mut commit = LocalCommit {
+                me,
+                limits: &self.options.limits,
+                seq: first_seq - 1,
+                logged: 0,
+                fresh: Vec::new(),
+                trimmed: false,
+                overlay: preloaded.clone(),
+                declared: BTreeSet::new(),
+                runs: self.log_runs(),
+            };
+            let mut stamps = stamps.iter().copied();
             let mut per_batch = Vec::with_capacity(batches.len());
-            let mut runs = self.log_runs();
             for items in batches {
-                let batch_first = seq + 1;
-                let mut results = Vec::with_capacity(items.len());
-                for item in items.iter() {
-                    let Item {
-                        keyspace,
-                        key,
-                        command,
-                    } = item;
-                    if command.crdt_type() != keyspace.ty {
-                        return abort(CoreError::TypeMismatch {
-                            expected: keyspace.ty,
-                            found: command.crdt_type(),
-                        });
-                    }
-                    if !command.is_write() {
-                        let value = tx_load(values, members, &overlay, item)?;
-                        let reply = command.reply(&value, me, None).or_else(abort)?;
-                        results.push(Outcome { write: None, reply });
-                        continue;
-                    }
-                    let Some(&hlc) = stamps.next() else {
-                        return abort(StoreError::Bug("missing stamp".into()));
-                    };
-                    // The catalog cannot change inside the transaction:
-                    // each keyspace is looked up once.
-                    if !declared.contains(&keyspace)
-                        && catalog
-                            .get(layout::catalog_key(&keyspace.name, keyspace.ty))?
-                            .is_none()
-                    {
-                        return abort(StoreError::UnknownKeyspace {
-                            name: keyspace.name.clone(),
-                            ty: keyspace.ty,
-                        });
-                    }
-                    declared.insert(keyspace);
-                    if let Err(e) = limits.check_key(key) {
-                        return abort(e);
-                    }
-                    let current = tx_load(values, members, &overlay, item)?;
-                    let op = command.prepare(&current, me, hlc, limits).or_else(abort)?;
-                    let Some(op) = op else {
-                        let stamp = Stamp { seq: 0, hlc };
-                        let reply = command.reply(&current, me, Some(stamp)).or_else(abort)?;
-                        results.push(Outcome {
-                            write: Some(stamp),
-                            reply,
-                        });
-                        continue;
-                    };
-                    seq += 1;
-                    let delta = Delta {
-                        origin: me,
-                        seq,
-                        hlc,
-                        keyspace: keyspace.name.clone(),
-                        key: key.clone(),
-                        op,
-                    };
-                    let bytes = delta.encode_checked(limits).or_else(abort)?;
-                    trimmed |= is_trim(&delta.op);
-                    let value = tx_apply(
-                        (values, rows, members, meta),
-                        &mut overlay,
-                        &delta,
-                        Some(current),
-                    )?;
-                    // A reply that cannot be given (a counter leaving the
-                    // 64-bit range) fails the batch before any of it is
-                    // written.
-                    let stamp = Stamp { seq, hlc };
-                    let reply = command.reply(&value, me, Some(stamp)).or_else(abort)?;
-                    logged += bytes.len() as u64;
-                    runs.push(log, me, seq, &bytes)?;
-                    fresh.push((delta, bytes));
-                    results.push(Outcome {
-                        write: Some(stamp),
-                        reply,
-                    });
-                }
-                let batch_last = if seq >= batch_first { seq } else { 0 };
+                let batch_first = commit.seq + 1;
+                let results = items
+                    .iter()
+                    .map(|item| commit.item(data, item, &mut stamps))
+                    .collect::<TxResult<Vec<Outcome>>>()?;
+                let batch_last = if commit.seq >= batch_first {
+                    commit.seq
+                } else {
+                    0
+                };
                 per_batch.push((results, batch_last));
             }
-            runs.finish(log)?;
+            let LocalCommit {
+                seq,
+                logged,
+                fresh,
+                trimmed,
+                runs,
+                ..
+            } = commit;
+            runs.finish(&data.log)?;
             if seq >= first_seq {
-                vv.insert(layout::replica_key(me), seq.to_be_bytes())?;
+                data.vv.insert(layout::replica_key(me), seq.to_be_bytes())?;
             }
-            tx_raise_hlc(meta, hwm)?;
-            Ok((per_batch, seq, logged, trimmed, fresh))
+            tx_raise_hlc(&data.meta, hwm)?;
+            Ok((per_batch, (seq, logged, trimmed, fresh)))
         };
         let queued = self.pipeline.queued();
-        let (mut out, mut staging) = self.run_data(true, body)?;
+        let (mut out, mut staging) = self.run_data(CommitKind::Local, body)?;
         if staging.as_ref().is_some_and(|s| queued.hold_up(s, false)) {
             // It read records a queued commit wrote: once they are in
             // sled, it runs again (nothing of the first run was kept).
             self.drain()?;
-            (out, staging) = self.run_data(true, body)?;
+            (out, staging) = self.run_data(CommitKind::Local, body)?;
         }
-        let (per_batch, last_seq, logged, trimmed, fresh) = out;
+        let (per_batch, (last_seq, logged, trimmed, fresh)) = out;
         let wrote = last_seq >= first_seq;
-        let commit = match (staging, wrote) {
-            (Some(staging), true) => Some(self.commit_staged(staging, fresh, wait || trimmed)?),
-            // Nothing to journal (a batch of reads and no-ops): at most the
-            // clock's high-water mark changed, which only rises.
-            (Some(staging), false) => {
-                staging.apply()?;
-                None
-            }
-            (None, wrote) => {
-                let commit = wrote.then(|| self.commit(fresh.iter().map(|(_, b)| b.as_slice())));
-                self.pipeline
-                    .show(fresh.into_iter().map(|(d, b)| (d, b.len())));
-                commit
-            }
-        };
+        // A trim's sweep reads sled, which must then hold the commit.
+        let journaling = if trimmed { Journaling::Now } else { journaling };
+        let commit = self.commit_local(staging, fresh, journaling)?;
         // First, so that nothing after the commit can make a later one
         // reuse its sequence numbers.
         w.next_seq = last_seq + 1;
@@ -403,6 +307,25 @@ impl Store {
             })
             .collect();
         Ok((receipts, trimmed))
+    }
+
+    /// What a local commit must read before it starts: sled must hold
+    /// every commit before it when it reads ranges (and the watermarks
+    /// bounding them) or whole sets, and those rows are loaded ahead.
+    fn preload_for(&self, batches: &[&[Item]]) -> Result<Overlay> {
+        let items = || batches.iter().flat_map(|b| b.iter());
+        let whole_sets: Vec<(&str, &str)> = items()
+            .filter(|item| item.command.access() == Access::WholeSet)
+            .map(|item| (item.keyspace.name.as_str(), item.key.as_str()))
+            .collect();
+        let ranges = items().any(|item| matches!(item.command.access(), Access::Range { .. }));
+        if ranges || !whole_sets.is_empty() {
+            self.drain()?;
+        }
+        let row_needs = self.row_needs_of_items(batches)?;
+        let mut preloaded = Overlay::preload(&self.t.rows, &row_needs)?;
+        preloaded.members = MemberOverlay::preload(&self.t.members, whole_sets)?;
+        Ok(preloaded)
     }
 
     /// The committed stream rows local batches run in one transaction may
@@ -453,5 +376,113 @@ impl Store {
             }
         }
         Ok(needs)
+    }
+}
+
+/// The running state of one local commit's body.
+struct LocalCommit<'a> {
+    me: ReplicaId,
+    limits: &'a Limits,
+    /// The last sequence number taken.
+    seq: u64,
+    /// Bytes of deltas logged.
+    logged: u64,
+    /// The deltas made, with their encodings.
+    fresh: Vec<(Delta, Vec<u8>)>,
+    /// Whether a stream was trimmed.
+    trimmed: bool,
+    overlay: Overlay,
+    /// Keyspaces found in the catalog (it cannot change inside a commit).
+    declared: BTreeSet<&'a KeyspaceId>,
+    runs: LogRuns,
+}
+
+impl<'a> LocalCommit<'a> {
+    /// Runs one item inside the commit: a read's reply; or a write
+    /// prepared from the value, stamped with the next of `stamps`, applied
+    /// and logged, and its reply from the value after it. A reply that
+    /// cannot be given (a counter leaving the 64-bit range) fails the
+    /// batch before any of it is written.
+    fn item(
+        &mut self,
+        data: &Data<'_>,
+        item: &'a Item,
+        stamps: &mut impl Iterator<Item = Hlc>,
+    ) -> TxResult<Outcome> {
+        let Item {
+            keyspace,
+            key,
+            command,
+        } = item;
+        let me = self.me;
+        if command.crdt_type() != keyspace.ty {
+            return abort(CoreError::TypeMismatch {
+                expected: keyspace.ty,
+                found: command.crdt_type(),
+            });
+        }
+        if !command.is_write() {
+            let value = tx_load(&data.values, &data.members, &self.overlay, item)?;
+            let reply = command.reply(&value, me, None).or_else(abort)?;
+            return Ok(Outcome { write: None, reply });
+        }
+        let Some(hlc) = stamps.next() else {
+            return abort(StoreError::Bug("missing stamp".into()));
+        };
+        self.check_declared(&data.catalog, keyspace)?;
+        self.limits.check_key(key).or_else(abort)?;
+        let current = tx_load(&data.values, &data.members, &self.overlay, item)?;
+        let Some(op) = command
+            .prepare(&current, me, hlc, self.limits)
+            .or_else(abort)?
+        else {
+            let stamp = Stamp { seq: 0, hlc };
+            let reply = command.reply(&current, me, Some(stamp)).or_else(abort)?;
+            return Ok(Outcome {
+                write: Some(stamp),
+                reply,
+            });
+        };
+        self.seq += 1;
+        let delta = Delta {
+            origin: me,
+            seq: self.seq,
+            hlc,
+            keyspace: keyspace.name.clone(),
+            key: key.clone(),
+            op,
+        };
+        let bytes = delta.encode_checked(self.limits).or_else(abort)?;
+        self.trimmed |= is_trim(&delta.op);
+        let trees = (&data.values, &data.rows, &data.members, &data.meta);
+        let value = tx_apply(trees, &mut self.overlay, &delta, Some(current))?;
+        let stamp = Stamp { seq: self.seq, hlc };
+        let reply = command.reply(&value, me, Some(stamp)).or_else(abort)?;
+        self.logged += bytes.len() as u64;
+        self.runs.push(&data.log, me, self.seq, &bytes)?;
+        self.fresh.push((delta, bytes));
+        Ok(Outcome {
+            write: Some(stamp),
+            reply,
+        })
+    }
+
+    /// Refuses a write to a keyspace the catalog does not hold; each
+    /// keyspace is looked up once per commit.
+    fn check_declared(&mut self, catalog: &Rw<'_>, keyspace: &'a KeyspaceId) -> TxResult<()> {
+        if self.declared.contains(keyspace) {
+            return Ok(());
+        }
+        if catalog
+            .get(layout::catalog_key(&keyspace.name, keyspace.ty))?
+            .is_none()
+        {
+            return abort(StoreError::UnknownKeyspace {
+                name: keyspace.name.clone(),
+                ty: keyspace.ty,
+            });
+        }
+        self.declared.insert(keyspace);
+        Ok(())
     }
 }

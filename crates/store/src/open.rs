@@ -132,7 +132,7 @@ impl Store {
                 logs: BTreeMap::new(),
             }),
             pipeline: Arc::default(),
-            group: GroupCommit::new(),
+            group: Arc::new(GroupCommit::new()),
             journal: None,
             sweep_pending: AtomicBool::new(false),
             sweeper: Mutex::new(()),

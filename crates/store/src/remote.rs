@@ -9,7 +9,7 @@ use crate::error::{Result, StoreError};
 use crate::layout::{self};
 use crate::records::{is_trim, tx_apply, tx_declare, tx_raise_hlc, Overlay};
 use crate::rw::{abort, Data, Rw, Staging, TxResult};
-use crate::store::{ApplyReport, Store};
+use crate::store::{ApplyReport, CommitKind, Store};
 
 /// Most journal deltas replayed in one transaction at open.
 pub(crate) const REPLAY_CHUNK_DELTAS: usize = 1_000;
@@ -49,14 +49,19 @@ impl Store {
             self.drain()?;
         }
         let queued = self.pipeline.queued();
-        let (mut out, mut staging) = self.apply_tx(deltas, hwm, false)?;
+        let (mut out, mut staging) = self.apply_tx(deltas, hwm, CommitKind::Remote)?;
         if staging.as_ref().is_some_and(|s| queued.hold_up(s, true)) {
             // It would reach sled ahead of queued commits whose records it
             // reads or writes: once they are in sled, it runs again.
             self.drain()?;
-            (out, staging) = self.apply_tx(deltas, hwm, false)?;
+            (out, staging) = self.apply_tx(deltas, hwm, CommitKind::Remote)?;
         }
-        let (report, logged, trimmed, encoded) = out;
+        let Applied {
+            report,
+            logged,
+            trimmed,
+            encoded,
+        } = out;
         if let Some(staging) = staging {
             staging.apply()?;
         }
@@ -88,26 +93,18 @@ impl Store {
     /// most once and in per-origin order, and returns what it did, the
     /// entries and bytes logged per origin, whether a stream was trimmed,
     /// the encodings of the deltas applied, and the staged writes for
-    /// [`Store::commit_staged`] when it was staged. A `replay` (of the
-    /// journal, at open) applies this region's own deltas too, in a sled
-    /// transaction: the journal it replays already holds them.
-    #[allow(clippy::type_complexity)]
+    /// [`Store::commit_staged`] when it was staged. A
+    /// [`CommitKind::Replay`] (of the journal, at open) applies this
+    /// region's own deltas too, in a sled transaction: the journal it
+    /// replays already holds them.
     pub(crate) fn apply_tx(
         &self,
         deltas: &[Delta],
         hwm: Hlc,
-        replay: bool,
-    ) -> Result<(
-        (
-            ApplyReport,
-            BTreeMap<ReplicaId, (u64, u64)>,
-            bool,
-            Vec<Vec<u8>>,
-        ),
-        Option<Staging>,
-    )> {
+        kind: CommitKind,
+    ) -> Result<(Applied, Option<Staging>)> {
         let me = self.identity.replica;
-        self.run_data(!replay, |data| {
+        self.run_data(kind, |data| {
             let Data {
                 catalog,
                 values,
@@ -133,7 +130,7 @@ impl Store {
                     report.duplicates += 1;
                     continue;
                 }
-                if d.origin == me && !replay {
+                if d.origin == me && kind != CommitKind::Replay {
                     return abort(StoreError::OwnDeltaAhead {
                         seq: d.seq,
                         local: applied,
@@ -170,7 +167,12 @@ impl Store {
             if report.applied > 0 {
                 tx_raise_hlc(meta, hwm)?;
             }
-            Ok((report, logged, trimmed, encoded))
+            Ok(Applied {
+                report,
+                logged,
+                trimmed,
+                encoded,
+            })
         })
     }
 
@@ -181,7 +183,7 @@ impl Store {
         let mut replayed = 0;
         for chunk in deltas.chunks(REPLAY_CHUNK_DELTAS) {
             let hwm = chunk.iter().map(|d| d.hlc).max().unwrap_or(Hlc::ZERO);
-            let ((report, ..), _) = self.apply_tx(chunk, hwm, true).map_err(|e| match e {
+            let (Applied { report, .. }, _) = self.apply_tx(chunk, hwm, CommitKind::Replay).map_err(|e| match e {
                 StoreError::Gap {
                     origin,
                     expected,
@@ -195,4 +197,16 @@ impl Store {
         }
         Ok(replayed)
     }
+}
+
+/// What applying a remote batch did, for [`Store::apply_remote`] to
+/// finish its commit with.
+pub(crate) struct Applied {
+    report: ApplyReport,
+    /// Entries and bytes logged per origin.
+    logged: BTreeMap<ReplicaId, (u64, u64)>,
+    /// Whether a stream was trimmed.
+    trimmed: bool,
+    /// The encodings of the deltas applied, in order.
+    encoded: Vec<Vec<u8>>,
 }

@@ -17,7 +17,7 @@ use crate::journal::Journal;
 use crate::layout::{self, meta};
 use crate::offload::Offload;
 use crate::options::{Identity, StoreOptions};
-use crate::pipeline::{write_and_apply, Pipeline};
+use crate::pipeline::Pipeline;
 use crate::recent::Recent;
 use crate::runs::{self, LogRuns};
 use crate::rw::{from_tx, Data, Rw, Staging, Trees, TxResult};
@@ -48,6 +48,32 @@ pub struct ApplyReport {
     pub(crate) commit: Option<u64>,
 }
 
+/// What a commit is, which decides how it runs: staged in memory and
+/// queued for the journal (local and remote commits of a store with a
+/// journal), or in a sled transaction (relaxed mode, and the journal's
+/// replay, whose deltas the journal holds already).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CommitKind {
+    /// A client's batch or a declaration.
+    Local,
+    /// A peer's delta batch.
+    Remote,
+    /// The journal's replay at open.
+    Replay,
+}
+
+/// Whether a local commit's caller writes the journal before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Journaling {
+    /// Queue the commit for the next journal write; whoever waits for it
+    /// makes that write ([`Store::stage_many`]: the node's writer goes on,
+    /// each client waits for its own batch).
+    Queued,
+    /// Write the journal now, on this thread: the commit is durable and
+    /// in sled when the call returns.
+    Now,
+}
+
 /// A region's durable state.
 pub struct Store {
     pub(crate) path: PathBuf,
@@ -68,7 +94,7 @@ pub struct Store {
     /// every log, pushed before the vector shows them and read by log
     /// tailers without sled ([`crate::recent`]).
     pub(crate) pipeline: Arc<Pipeline>,
-    pub(crate) group: GroupCommit,
+    pub(crate) group: Arc<GroupCommit>,
     /// Where group-committed mutations become durable; none in relaxed
     /// mode.
     pub(crate) journal: Option<Arc<Journal>>,
@@ -257,8 +283,8 @@ impl Store {
         if self.pipeline.is_empty() {
             return Ok(());
         }
-        let written = write_and_apply(journal, &self.pipeline)?;
-        self.group.written(written, &self.db, self.options.offload);
+        self.group
+            .write_out(journal, &self.pipeline, &self.db, self.options.offload)?;
         Ok(())
     }
 
@@ -268,10 +294,10 @@ impl Store {
     /// in a sled transaction, committed on return ([`crate::rw`]).
     pub(crate) fn run_data<T>(
         &self,
-        staged: bool,
+        kind: CommitKind,
         body: impl Fn(&Data<'_>) -> TxResult<T>,
     ) -> Result<(T, Option<Staging>)> {
-        if staged && self.journal.is_some() {
+        if kind != CommitKind::Replay && self.journal.is_some() {
             let staging = Staging::over(&self.t);
             let out = body(&staging.data()).map_err(|e| match e {
                 ConflictableTransactionError::Abort(e) => e,
@@ -306,7 +332,7 @@ impl Store {
         &self,
         staging: Staging,
         fresh: Vec<(Delta, Vec<u8>)>,
-        wait: bool,
+        journaling: Journaling,
     ) -> Result<u64> {
         let Some(journal) = &self.journal else {
             return Err(StoreError::Bug("a staged commit without a journal".into()));
@@ -322,11 +348,40 @@ impl Store {
             self.pipeline.push(n, staging, queued);
             n
         });
-        if wait || full {
-            let written = write_and_apply(journal, &self.pipeline)?;
-            self.group.written(written, &self.db, self.options.offload);
+        if journaling == Journaling::Now || full {
+            self.group
+                .write_out(journal, &self.pipeline, &self.db, self.options.offload)?;
         }
         Ok(n)
+    }
+
+    /// Commits a local commit's deltas (`fresh`, none for a batch of
+    /// reads and no-ops): a staged one is queued for the journal
+    /// ([`Store::commit_staged`]); one a sled transaction already committed
+    /// (relaxed mode) is numbered and shown. Returns its commit number,
+    /// none when it wrote no delta.
+    pub(crate) fn commit_local(
+        &self,
+        staging: Option<Staging>,
+        fresh: Vec<(Delta, Vec<u8>)>,
+        journaling: Journaling,
+    ) -> Result<Option<u64>> {
+        match staging {
+            // Nothing to journal: at most the clock's high-water mark
+            // changed, which only rises.
+            Some(staging) if fresh.is_empty() => {
+                staging.apply()?;
+                Ok(None)
+            }
+            Some(staging) => Ok(Some(self.commit_staged(staging, fresh, journaling)?)),
+            None if fresh.is_empty() => Ok(None),
+            None => {
+                let n = self.commit(fresh.iter().map(|(_, b)| b.as_slice()));
+                self.pipeline
+                    .show(fresh.into_iter().map(|(d, b)| (d, b.len())));
+                Ok(Some(n))
+            }
+        }
     }
 
     /// Gives a mutation already written to sled its commit number, handing
