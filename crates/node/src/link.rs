@@ -28,6 +28,7 @@ use concord_store::Store;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
+use tonic::Streaming;
 
 use crate::connect::Connector;
 use crate::engine::Engine;
@@ -127,8 +128,20 @@ impl Link {
         }
     }
 
-    /// One connection: handshake, then frames until the stream ends.
+    /// One connection: the opening, then frames until the stream ends.
     async fn session(&self, announced: &mut bool) -> Result<(), LinkError> {
+        let opened = self.open().await?;
+        self.peers.set_connected(self.index, true);
+        if !*announced {
+            tracing::info!(peer = %self.peers.config(self.index).region, "peer link up");
+            *announced = true;
+        }
+        self.stream(opened).await
+    }
+
+    /// Connects, sends the `Hello` and checks the `Welcome`
+    /// ([`crate::handshake`]).
+    async fn open(&self) -> Result<Opened, LinkError> {
         let config = self.peers.config(self.index);
         let unreachable = |reason: String| LinkError::Unreachable {
             endpoint: config.endpoint.clone(),
@@ -147,11 +160,13 @@ impl Link {
         let mut client = ReplicationClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-
-        let store = self.engine.store();
-        let applied = store.version_vector().map_err(NodeError::from)?;
+        let applied = self
+            .engine
+            .store()
+            .version_vector()
+            .map_err(NodeError::from)?;
         let mut known: BTreeSet<u32> = applied.iter().map(|(origin, _)| origin.0).collect();
-        let mut interest = self.interest(&known);
+        let interest = self.interest(&known);
         let hello = self.frame(pb::subscriber_frame::Body::Hello(hello(
             &self.engine,
             &applied,
@@ -181,11 +196,27 @@ impl Link {
             return Err(self.fault(PeerFault::NoOpening("Welcome")));
         };
         check_welcome(&self.peers, self.index, &welcome).map_err(|f| self.fault(f))?;
-        self.peers.set_connected(self.index, true);
-        if !*announced {
-            tracing::info!(peer = %config.region, "peer link up");
-            *announced = true;
+        if let Some(theirs) = &welcome.applied {
+            known.extend(theirs.seqs.keys());
         }
+        Ok(Opened {
+            tx,
+            frames,
+            known,
+            interest,
+        })
+    }
+
+    /// Applies what the peer streams, acknowledges it once durable, and
+    /// sends heartbeats and changes of interest, until the stream ends.
+    async fn stream(&self, opened: Opened) -> Result<(), LinkError> {
+        let Opened {
+            tx,
+            mut frames,
+            mut known,
+            mut interest,
+        } = opened;
+        let store = self.engine.store();
         let mut applier = Applier::new(self.engine.clone(), self.peers.clone(), self.index);
         let mut heartbeat = tokio::time::interval(HEARTBEAT);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -194,19 +225,16 @@ impl Link {
         let mut acks = Acks::new(store.clone());
         // A frame taken in while gathering delta batches, handled next.
         let mut held: Option<pb::ProviderFrame> = None;
-        if let Some(theirs) = &welcome.applied {
-            known.extend(theirs.seqs.keys());
-        }
         loop {
             // Ask this peer for its own deltas and for those of every
             // origin this node does not reach directly right now.
             let wanted = self.interest(&known);
             if wanted != interest {
-                tracing::debug!(peer = %config.region, origins = ?wanted, "interest changed");
-                let frame = self.frame(pb::subscriber_frame::Body::Interest(pb::Interest {
+                tracing::debug!(peer = %self.peers.config(self.index).region, origins = ?wanted, "interest changed");
+                let body = pb::subscriber_frame::Body::Interest(pb::Interest {
                     origins: wanted.clone(),
-                }))?;
-                tx.send(frame).await.map_err(|_| LinkError::Closed)?;
+                });
+                self.send(&tx, body).await?;
                 interest = wanted;
             }
             let silent_until = last_frame + SILENCE_TIMEOUT;
@@ -219,24 +247,12 @@ impl Link {
                 None => tokio::select! {
                 biased;
                 durable = acks.flushed() => {
-                    let applied = durable?;
-                    let frame = self.frame(pb::subscriber_frame::Body::Ack(pb::Ack {
-                        applied: Some((&applied).into()),
-                    }))?;
-                    tx.send(frame).await.map_err(|_| LinkError::Closed)?;
+                    let ack = pb::Ack { applied: Some((&durable?).into()) };
+                    self.send(&tx, pb::subscriber_frame::Body::Ack(ack)).await?;
                     continue;
                 }
                 _ = heartbeat.tick() => {
-                    let applied = store.version_vector().map_err(NodeError::from)?;
-                    // Deltas arriving over other links change the vector
-                    // too; this provider learns of them only from here, and
-                    // needs them acknowledged to truncate its logs.
-                    acks.due(applied.clone());
-                    let frame = self.frame(pb::subscriber_frame::Body::Heartbeat(pb::Heartbeat {
-                        applied: Some((&applied).into()),
-                        wall_unix_ms: u64::try_from(self.engine.clock().physical_unix_ms()).unwrap_or(0),
-                    }))?;
-                    tx.send(frame).await.map_err(|_| LinkError::Closed)?;
+                    self.heartbeat(&tx, &mut acks).await?;
                     continue;
                 }
                 _ = reachability.changed() => continue,
@@ -264,42 +280,15 @@ impl Link {
                     known.extend(theirs.seqs.keys());
                 }
             }
-            let mut bytes = prost::Message::encoded_len(&frame) as u64;
+            let bytes = prost::Message::encoded_len(&frame) as u64;
             let applied = match frame.body {
                 Some(pb::provider_frame::Body::Deltas(batch)) => {
-                    // Delta batches already received are applied with this
-                    // one, in one transaction: under load the link keeps
-                    // up by applying more per transaction, not by queueing.
-                    let mut batches = vec![batch];
-                    let mut count = batches[0].deltas.len();
-                    while count < APPLY_MAX_DELTAS {
-                        let next = tokio::select! {
-                            biased;
-                            next = frames.message() => next,
-                            () = std::future::ready(()) => break,
-                        };
-                        let Some(next) = next.map_err(|s| self.stream_failed(&s))? else {
-                            // Ended: what was taken in is fetched again on
-                            // the next connection.
-                            return Ok(());
-                        };
-                        last_frame = tokio::time::Instant::now();
-                        self.observe(next.sender_hlc)?;
-                        let size = prost::Message::encoded_len(&next) as u64;
-                        match next.body {
-                            Some(pb::provider_frame::Body::Deltas(batch))
-                                if count + batch.deltas.len() <= APPLY_MAX_DELTAS =>
-                            {
-                                count += batch.deltas.len();
-                                bytes += size;
-                                batches.push(batch);
-                            }
-                            body => {
-                                held = Some(pb::ProviderFrame { body, ..next });
-                                break;
-                            }
-                        }
-                    }
+                    let Some((batches, bytes)) = self
+                        .gather(batch, bytes, &mut frames, &mut last_frame, &mut held)
+                        .await?
+                    else {
+                        return Ok(());
+                    };
                     applier.apply_deltas(batches, bytes).await
                 }
                 body => applier.apply(pb::ProviderFrame { body, ..frame }).await,
@@ -308,6 +297,87 @@ impl Link {
                 acks.due(store.version_vector().map_err(NodeError::from)?);
             }
         }
+    }
+
+    /// Sends a frame to the peer.
+    async fn send(
+        &self,
+        tx: &mpsc::Sender<pb::SubscriberFrame>,
+        body: pb::subscriber_frame::Body,
+    ) -> Result<(), LinkError> {
+        tx.send(self.frame(body)?)
+            .await
+            .map_err(|_| LinkError::Closed)
+    }
+
+    /// Sends a heartbeat with this node's vector, and asks for it to be
+    /// acknowledged: deltas arriving over other links change the vector
+    /// too, and the peer learns of them only from here, and needs them
+    /// acknowledged to truncate its logs.
+    async fn heartbeat(
+        &self,
+        tx: &mpsc::Sender<pb::SubscriberFrame>,
+        acks: &mut Acks,
+    ) -> Result<(), LinkError> {
+        let applied = self
+            .engine
+            .store()
+            .version_vector()
+            .map_err(NodeError::from)?;
+        acks.due(applied.clone());
+        let wall_unix_ms = u64::try_from(self.engine.clock().physical_unix_ms()).unwrap_or(0);
+        let beat = pb::Heartbeat {
+            applied: Some((&applied).into()),
+            wall_unix_ms,
+        };
+        self.send(tx, pb::subscriber_frame::Body::Heartbeat(beat))
+            .await
+    }
+
+    /// The delta batches already received after `first`, taken in to be
+    /// applied with it in one transaction: under load the link keeps up by
+    /// applying more per transaction, not by queueing. At most
+    /// [`APPLY_MAX_DELTAS`]; a frame of another kind, or a batch that
+    /// would go past it, is left in `held`. `None` when the stream ended
+    /// meanwhile (what was taken in is fetched again on the next
+    /// connection).
+    async fn gather(
+        &self,
+        first: pb::DeltaBatch,
+        mut bytes: u64,
+        frames: &mut Streaming<pb::ProviderFrame>,
+        last_frame: &mut tokio::time::Instant,
+        held: &mut Option<pb::ProviderFrame>,
+    ) -> Result<Option<(Vec<pb::DeltaBatch>, u64)>, LinkError> {
+        let mut count = first.deltas.len();
+        let mut batches = vec![first];
+        while count < APPLY_MAX_DELTAS {
+            let next = tokio::select! {
+                biased;
+                next = frames.message() => next,
+                () = std::future::ready(()) => break,
+            };
+            let Some(next) = next.map_err(|s| self.stream_failed(&s))? else {
+                return Ok(None);
+            };
+            *last_frame = tokio::time::Instant::now();
+            self.observe(next.sender_hlc)?;
+            let size = prost::Message::encoded_len(&next) as u64;
+            match next.body {
+                Some(pb::provider_frame::Body::Deltas(batch))
+                    if count + batch.deltas.len() <= APPLY_MAX_DELTAS =>
+                {
+                    count += batch.deltas.len();
+                    bytes += size;
+                    batches.push(batch);
+                }
+                body => {
+                    *held = Some(pb::ProviderFrame { body, ..next });
+                    break;
+                }
+            }
+        }
+        Ok(Some((batches, bytes)))
     }
 
     /// A failed stream, counted when the peer is at fault (a frame over
@@ -348,6 +418,15 @@ impl Link {
     fn observe(&self, sender_hlc: u64) -> Result<(), LinkError> {
         observe_clock(&self.engine, &self.peers, self.index, sender_hlc)
     }
+}
+
+/// An opened stream: the queue towards the peer, the frames from it, the
+/// origins known so far, and the interest sent in the `Hello`.
+struct Opened {
+    tx: mpsc::Sender<pb::SubscriberFrame>,
+    frames: Streaming<pb::ProviderFrame>,
+    known: BTreeSet<u32>,
+    interest: Vec<u32>,
 }
 
 /// A flush under way and the vector it makes acknowledgeable.
