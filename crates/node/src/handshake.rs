@@ -4,7 +4,7 @@
 //! A subscriber ([`crate::link`]) opens with a `Hello`; the provider
 //! ([`crate::peer`]) answers with a `Welcome`. Each end checks what the
 //! other says with the functions here: the protocol version, who the peer
-//! is, and, on every frame either way, its clock ([`observe_clock`]).
+//! is, and, on every frame either way, its clock (`observe_clock`).
 //!
 //! Failures are typed by whose fault they are ([`LinkError`]): the peer's
 //! (refused and counted on its status), the network's (retried), or this

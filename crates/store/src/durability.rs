@@ -51,7 +51,7 @@ pub enum Durability {
 }
 
 /// Least time between the starts of two sled flushes that make a
-/// relaxed store's commits durable ([`GroupCommit::wait_flushed`]).
+/// relaxed store's commits durable (see [`crate::Store::sync`]).
 pub const RELAXED_FLUSH_SPACING: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Commit numbers and the flush that makes them durable.

@@ -1,6 +1,29 @@
 //! The region store: its state, the writer lock, and the committer (where
 //! a commit runs, its journal write, the waits for durability). The rest
 //! of [`Store`]'s methods are in `open`, `local`, `remote` and `reads`.
+//!
+//! # Lock order
+//!
+//! A thread that holds several of these takes them in this order, and
+//! never one above a lock it holds. None is held across an `.await`, but
+//! the flush leader's, which only ever `try_lock`s.
+//!
+//! | # | lock | guards | taken by |
+//! |---|---|---|---|
+//! | 1 | `Store::writer` | next seq, log usage; serializes commits | every commit, `whole_set`, `set_slice`, log truncation steps |
+//! | 2 | `GroupCommit::flusher` (`try_lock`) | one flush leader | `lead_or_follow`, `flush_now` (under 1) |
+//! | 3 | `Journal::active` | the segment written, across its sync | `Journal::write_pending` |
+//! | 4 | `Journal::pending` | deltas not yet written | `Journal::append` (under 1), `write_pending` (under 3) |
+//! | 5 | `Journal` spare slot | the prepared next segment | `write_pending` (under 3), the preparation |
+//! | 6 | `Pipeline::applying` | queued commits being written to sled | `apply_through`; set reads (after 1) |
+//! | 7 | a queued commit's deltas | its deltas | `apply_through` (under 6) |
+//! | 8 | `Pipeline::queue` | staged commits awaiting the journal | `push` (under 4), `apply_through` (under 6) |
+//! | 9 | `Pipeline::recent` | newest deltas per origin | `show` (first), log truncation |
+//! | 10 | `Pipeline::applied` | the in-memory version vector | `show` (after 9), `finish_import` (under 1) |
+//!
+//! Leaves, taken alone: `Journal::failed`, `Store::sweeper` (`try_lock`,
+//! after 1 is released), the catalog cache, `GroupCommit`'s last relaxed
+//! flush time (under 2).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
