@@ -13,7 +13,6 @@
 //! same writer ([`Engine::apply_remote`]), so the store's lock is never
 //! handed from one thread to another under load (docs/DECISIONS.md).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use concord_core::catalog::{Catalog, KeyspaceView};
@@ -21,7 +20,7 @@ use concord_core::crdt::{StreamCommand, StreamEntry};
 use concord_core::{
     Clock, Command, CrdtType, Delta, Hlc, KeyspaceId, Outcome, Reply, Request, Stamp,
 };
-use concord_store::{ApplyReport, Durability, Item, Store, WriteReceipt};
+use concord_store::{ApplyReport, Item, Store, WriteReceipt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{NodeError, Result};
@@ -42,35 +41,6 @@ enum Job {
     Write(WriteJob),
     /// A delta batch from a peer.
     Apply(ApplyJob),
-}
-
-/// The highest own seq known durable, and the wake-up of whatever tails
-/// this region: its own deltas are shipped to peers only up to that seq,
-/// so a crash can never leave peers holding writes this region lost. The
-/// writer's durability task for a group records it too, so a group whose
-/// clients all gave up waiting is still shipped; in relaxed mode, where a
-/// client is answered before the disk, only that task records it, after
-/// the sled flush its sync makes.
-#[derive(Debug, Clone)]
-struct OwnDurable {
-    seq: Arc<AtomicU64>,
-    /// Bumped after every durable local write and every remote apply, so
-    /// peers' tails wake up.
-    changes: Arc<watch::Sender<u64>>,
-}
-
-impl OwnDurable {
-    fn notify(&self) {
-        self.changes.send_modify(|n| *n = n.wrapping_add(1));
-    }
-
-    /// Own deltas up to `seq` are durable: raises the mark, wakes peers.
-    fn record(&self, seq: u64) {
-        if seq > 0 {
-            self.seq.fetch_max(seq, Ordering::AcqRel);
-            self.notify();
-        }
-    }
 }
 
 /// A client batch on its way to the writer.
@@ -111,9 +81,6 @@ pub struct Engine {
     clock: Arc<Clock>,
     writer: mpsc::Sender<Job>,
     subscriptions: Subscriptions,
-    /// How far this region's own deltas are durable, and the wake-up of
-    /// peers' tails.
-    own: OwnDurable,
     /// Turns true when the node starts shutting down.
     stopping: Arc<watch::Sender<bool>>,
 }
@@ -124,45 +91,26 @@ impl Engine {
     /// ends when the last clone of the engine is dropped.
     pub fn new(store: Arc<Store>, clock: Arc<Clock>) -> Self {
         let (writer, jobs) = mpsc::channel(WRITE_QUEUE);
-        // What the store holds after opening is on disk. Should the read
-        // fail, 0 is the safe side: own deltas then wait for the next
-        // durable write before they are shipped.
-        let own = OwnDurable {
-            seq: Arc::new(AtomicU64::new(
-                store.applied(store.identity().replica).unwrap_or(0),
-            )),
-            changes: Arc::new(watch::Sender::new(0)),
-        };
-        spawn_writer(store.clone(), clock.clone(), jobs, own.clone());
+        spawn_writer(store.clone(), clock.clone(), jobs);
         Engine {
             store,
             clock,
             writer,
             subscriptions: Subscriptions::default(),
-            own,
             stopping: Arc::new(watch::Sender::new(false)),
         }
     }
 
-    /// A receiver that sees a change after every durable local write and
-    /// every remote apply.
+    /// A receiver that sees a change whenever own deltas become durable
+    /// or a peer's deltas land ([`Store::changes`]).
     pub fn changes(&self) -> watch::Receiver<u64> {
-        self.own.changes.subscribe()
+        self.store.changes()
     }
 
-    /// Wakes everything waiting on [`Engine::changes`].
-    pub fn notify_changed(&self) {
-        self.own.notify();
-    }
-
-    /// The highest seq of this region's own log that is durable.
+    /// The highest seq of this region's own log that may leave the
+    /// region ([`Store::durable_own_seq`]).
     pub fn durable_own_seq(&self) -> u64 {
-        self.own.seq.load(Ordering::Acquire)
-    }
-
-    /// Records that own deltas up to `seq` are durable, and wakes peers.
-    fn own_durable(&self, seq: u64) {
-        self.own.record(seq);
+        self.store.durable_own_seq()
     }
 
     /// Starts the shutdown: subscriptions and peer streams end.
@@ -219,7 +167,6 @@ impl Engine {
             .await?;
         // A declaration is acknowledged once on disk in either mode.
         self.store.persisted(&receipt).await?;
-        self.own_durable(receipt.last_seq);
         Ok((view, created))
     }
 
@@ -255,12 +202,10 @@ impl Engine {
         let (ops, keyspaces, receipt) = answer
             .await
             .map_err(|_| NodeError::Unavailable("the store task failed".into()))??;
+        // The store publishes own deltas as shippable once they are on
+        // disk: here in group mode; in relaxed mode, which answers before
+        // the disk, when the writer's sync of the group has flushed them.
         self.store.durable(&receipt).await?;
-        // In relaxed mode `durable` did not wait for the disk: the
-        // writer's sync of the group ships it once it is on disk.
-        if self.store.durability() == Durability::Group {
-            self.own_durable(receipt.last_seq);
-        }
         for ((op, keyspace), outcome) in ops.iter().zip(keyspaces).zip(&receipt.results) {
             if let (
                 Command::Stream(StreamCommand::Append(fields)),
@@ -341,12 +286,7 @@ impl Engine {
 /// [`Offload::Inline`](concord_store::Offload::Inline) — a deterministic,
 /// single-threaded runtime — it is a task that runs each group inline, so
 /// no second thread decides when a result comes back.
-fn spawn_writer(
-    store: Arc<Store>,
-    clock: Arc<Clock>,
-    mut jobs: mpsc::Receiver<Job>,
-    own: OwnDurable,
-) {
+fn spawn_writer(store: Arc<Store>, clock: Arc<Clock>, mut jobs: mpsc::Receiver<Job>) {
     if store.offload() == concord_store::Offload::Inline {
         tokio::spawn(async move {
             let mut held = None;
@@ -359,13 +299,7 @@ fn spawn_writer(
                     },
                 };
                 let group = next_group(first, &mut jobs, &mut held);
-                run_group(
-                    &store,
-                    &clock,
-                    group,
-                    &own,
-                    &tokio::runtime::Handle::current(),
-                );
+                run_group(&store, &clock, group, &tokio::runtime::Handle::current());
             }
         });
         return;
@@ -389,7 +323,7 @@ fn spawn_writer(
                 // on with the next group, as a failed blocking-pool task
                 // would.
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_group(&store, &clock, group, &own, &runtime)
+                    run_group(&store, &clock, group, &runtime)
                 }));
                 if ran.is_err() {
                     tracing::error!("a write group panicked; its batches failed");
@@ -425,15 +359,9 @@ fn next_group(first: Job, jobs: &mut mpsc::Receiver<Job>, held: &mut Option<Job>
 /// transaction each (a refused batch fails only itself), then the client
 /// batches together, staged: each client waits for its batch to be
 /// durable, and so does a task spawned on `runtime`, so that the group
-/// reaches sled, and is shipped (`own`), even when every client gave up
-/// waiting.
-fn run_group(
-    store: &Arc<Store>,
-    clock: &Clock,
-    group: Vec<Job>,
-    own: &OwnDurable,
-    runtime: &tokio::runtime::Handle,
-) {
+/// reaches sled, and is shipped (the store publishes it durable), even
+/// when every client gave up waiting.
+fn run_group(store: &Arc<Store>, clock: &Clock, group: Vec<Job>, runtime: &tokio::runtime::Handle) {
     let mut writes = Vec::with_capacity(group.len());
     for job in group {
         match job {
@@ -452,19 +380,14 @@ fn run_group(
         return;
     }
     let done = run_writes(store, clock, writes);
-    let last_seq = done
+    let wrote = done
         .iter()
-        .filter_map(|(_, r)| r.as_ref().ok().map(|(_, _, receipt)| receipt.last_seq))
-        .max()
-        .unwrap_or(0);
-    if last_seq > 0 {
-        let (store, own) = (store.clone(), own.clone());
+        .any(|(_, r)| r.as_ref().is_ok_and(|(_, _, receipt)| receipt.last_seq > 0));
+    if wrote {
+        let store = store.clone();
         runtime.spawn(async move {
-            match store.sync().await {
-                Ok(()) => own.record(last_seq),
-                Err(e) => {
-                    tracing::warn!(error = %e, "a staged write group did not become durable")
-                }
+            if let Err(e) = store.sync().await {
+                tracing::warn!(error = %e, "a staged write group did not become durable")
             }
         });
     }

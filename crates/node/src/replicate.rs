@@ -534,12 +534,10 @@ impl Applier {
         };
         // Forwarding and showing these deltas need not wait for this
         // region's flush: their origin already has them durably, and a
-        // crash here only means fetching them again. Only the ack waits.
+        // crash here only means fetching them again (the store woke the
+        // providers as it applied them). Only the ack waits.
         self.peers
             .received(self.index, report.applied as u64, bytes);
-        if report.applied > 0 {
-            self.engine.notify_changed();
-        }
         // How late the newest fresh delta arrived: its origin's
         // clock against ours (skew between hosts adds to it).
         if let Some(newest) = report.fresh.iter().map(|&i| deltas[i].hlc).max() {
@@ -619,7 +617,6 @@ impl Applier {
                 })
                 .await?;
                 tracing::info!(peer = %self.peers.config(self.index).region, chunks, "snapshot applied");
-                self.engine.notify_changed();
                 Ok(true)
             }
             Some(pb::provider_frame::Body::Heartbeat(beat)) => {

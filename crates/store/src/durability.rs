@@ -25,6 +25,7 @@
 //! when it takes a segment past half its size, the preparation of the
 //! next segment (detached too).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -62,6 +63,23 @@ pub(crate) struct GroupCommit {
     flushes: AtomicU64,
     /// When the last sled flush of a relaxed store started.
     sled_flushed_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Which commits carry this region's own deltas, and how far those
+    /// are durable: the one durability signal the node reads.
+    own: std::sync::Mutex<OwnCommits>,
+    /// Bumped when the durable own seq rises, and when a peer's deltas
+    /// or a snapshot land ([`GroupCommit::notify`]): wakes whatever tails
+    /// this region.
+    changes: watch::Sender<u64>,
+}
+
+/// This region's own deltas between their commit and their durability.
+#[derive(Default)]
+struct OwnCommits {
+    /// Commit number to the last own seq it wrote, for commits not yet
+    /// published durable.
+    pending: BTreeMap<u64, u64>,
+    /// The highest own seq known durable.
+    durable_seq: u64,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -94,14 +112,67 @@ impl GroupCommit {
             flusher: Mutex::new(()),
             flushes: AtomicU64::new(0),
             sled_flushed_at: std::sync::Mutex::new(None),
+            own: std::sync::Mutex::new(OwnCommits::default()),
+            changes: watch::Sender::new(0),
         }
     }
 
-    /// Records a committed mutation and returns its commit number. Call it
-    /// after the transaction committed, under the writer lock (and, in
-    /// group mode, under the journal's lock, from [`Journal::append`]).
-    pub(crate) fn committed(&self) -> u64 {
-        self.committed.fetch_add(1, Ordering::SeqCst) + 1
+    /// Records a committed mutation and returns its commit number;
+    /// `own_seq` is the last of this region's own deltas it wrote, if any.
+    /// Call it after the transaction committed, under the writer lock
+    /// (and, in group mode, under the journal's lock, from
+    /// [`Journal::append`]).
+    pub(crate) fn committed(&self, own_seq: Option<u64>) -> u64 {
+        let mut own = lock(&self.own);
+        let n = self.committed.fetch_add(1, Ordering::SeqCst) + 1;
+        if let Some(seq) = own_seq {
+            // Numbering and registering are one step under `own`, which
+            // publishing takes too: no commit is published durable
+            // before its own seq is known.
+            own.pending.insert(n, seq);
+        }
+        n
+    }
+
+    /// Publishes every commit up to `through` as durable, and the own seq
+    /// they cover.
+    fn publish(&self, through: u64) {
+        let mut own = lock(&self.own);
+        self.durable.send_modify(|d| *d = (*d).max(through));
+        let later = own.pending.split_off(&through.saturating_add(1));
+        let done = std::mem::replace(&mut own.pending, later);
+        if let Some(&seq) = done.values().max() {
+            if seq > own.durable_seq {
+                own.durable_seq = seq;
+                drop(own);
+                self.notify();
+            }
+        }
+    }
+
+    /// The highest seq of this region's own log that is durable: only up
+    /// to it may own deltas leave the region.
+    pub(crate) fn durable_own_seq(&self) -> u64 {
+        lock(&self.own).durable_seq
+    }
+
+    /// Raises the durable own seq to `seq` when it is below: at open
+    /// (whatever the store holds then is on disk), and when a snapshot
+    /// brought back own deltas that peers hold already.
+    pub(crate) fn raise_own_to(&self, seq: u64) {
+        let mut own = lock(&self.own);
+        own.durable_seq = own.durable_seq.max(seq);
+    }
+
+    /// Wakes whatever tails this region.
+    pub(crate) fn notify(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees a change whenever the durable own seq rises
+    /// or a peer's deltas land.
+    pub(crate) fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// The highest commit number handed out so far.
@@ -155,7 +226,7 @@ impl GroupCommit {
     /// Publishes what a flush made durable and starts its checkpoint.
     fn written(&self, written: Written, db: &sled::Db, offload: Offload) {
         self.flushes.fetch_add(1, Ordering::Relaxed);
-        self.durable.send_modify(|d| *d = (*d).max(written.through));
+        self.publish(written.through);
         if let Some(checkpoint) = written.checkpoint {
             let db = db.clone();
             offload.detach(move || checkpoint.run(&db));
@@ -215,7 +286,7 @@ impl GroupCommit {
             let flushing = db.clone();
             offload.run(move || flushing.flush()).await??;
             self.flushes.fetch_add(1, Ordering::Relaxed);
-            self.durable.send_modify(|d| *d = (*d).max(through));
+            self.publish(through);
             Ok(())
         })
         .await

@@ -165,6 +165,7 @@ impl Store {
         };
         let applied = store.read_version_vector()?;
         let last = applied.get(store.identity.replica);
+        store.group.raise_own_to(last);
         *store.lock_applied() = applied;
         let logs = store.measure_logs()?;
         let sweeps = store.pending_sweeps()?;

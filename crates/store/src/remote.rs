@@ -73,7 +73,7 @@ impl Store {
             self.catalog_changed();
         }
         let commit =
-            (report.applied > 0).then(|| self.commit(encoded.iter().map(|b| b.as_slice())));
+            (report.applied > 0).then(|| self.commit(encoded.iter().map(|b| b.as_slice()), None));
         self.pipeline.show(
             report
                 .fresh
@@ -85,6 +85,10 @@ impl Store {
             self.account_log(&mut w, origin, entries, bytes);
         }
         drop(w);
+        if report.applied > 0 {
+            // Their origin holds them durably: they may be forwarded now.
+            self.notify_changed();
+        }
         self.after_trim(trimmed);
         Ok(ApplyReport { commit, ..report })
     }

@@ -444,7 +444,11 @@ impl Store {
                 "a snapshot holds writes of this region that it did not have: its data was lost or restored from an old copy; continuing after them"
             );
             w.next_seq = seq + 1;
+            // Peers hold them already: they may be shipped.
+            self.group.raise_own_to(seq);
         }
+        drop(w);
+        self.notify_changed();
         Ok(())
     }
 }

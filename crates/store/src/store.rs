@@ -231,6 +231,26 @@ impl Store {
         self.options.offload
     }
 
+    /// The highest seq of this region's own log that is on disk (in the
+    /// journal, or in a sled flush in relaxed mode): own deltas leave the
+    /// region only up to it, so a crash can never leave peers holding
+    /// writes this region lost.
+    pub fn durable_own_seq(&self) -> u64 {
+        self.group.durable_own_seq()
+    }
+
+    /// A receiver that sees a change whenever [`Store::durable_own_seq`]
+    /// rises or a peer's deltas or a snapshot land: what wakes the peers
+    /// tailing this region.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.group.changes()
+    }
+
+    /// Wakes everything waiting on [`Store::changes`].
+    pub fn notify_changed(&self) {
+        self.group.notify();
+    }
+
     /// Number of group-commit flushes (journal writes and syncs) so far.
     pub fn flush_count(&self) -> u64 {
         self.group.flushes()
@@ -361,13 +381,14 @@ impl Store {
             return Err(StoreError::Bug("a staged commit without a journal".into()));
         };
         journal.check()?;
+        let own_seq = fresh.last().map(|(d, _)| d.seq);
         let (deltas, encoded): (Vec<Delta>, Vec<Vec<u8>>) = fresh.into_iter().unzip();
         let queued = deltas
             .into_iter()
             .zip(encoded.iter().map(Vec::len))
             .collect();
         let (n, full) = journal.append(encoded.iter().map(Vec::as_slice), || {
-            let n = self.group.committed();
+            let n = self.group.committed(own_seq);
             self.pipeline.push(n, staging, queued);
             n
         });
@@ -399,7 +420,8 @@ impl Store {
             Some(staging) => Ok(Some(self.commit_staged(staging, fresh, journaling)?)),
             None if fresh.is_empty() => Ok(None),
             None => {
-                let n = self.commit(fresh.iter().map(|(_, b)| b.as_slice()));
+                let own_seq = fresh.last().map(|(d, _)| d.seq);
+                let n = self.commit(fresh.iter().map(|(_, b)| b.as_slice()), own_seq);
                 self.pipeline
                     .show(fresh.into_iter().map(|(d, b)| (d, b.len())));
                 Ok(Some(n))
@@ -413,11 +435,15 @@ impl Store {
     /// Past [`journal::MAX_PENDING_BYTES`] waiting, the committer writes
     /// them itself, blocking: a backstop for callers that never wait for
     /// durability (the node always does).
-    pub(crate) fn commit<'a>(&self, deltas: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+    pub(crate) fn commit<'a>(
+        &self,
+        deltas: impl IntoIterator<Item = &'a [u8]>,
+        own_seq: Option<u64>,
+    ) -> u64 {
         let Some(journal) = &self.journal else {
-            return self.group.committed();
+            return self.group.committed(own_seq);
         };
-        let (n, full) = journal.append(deltas, || self.group.committed());
+        let (n, full) = journal.append(deltas, || self.group.committed(own_seq));
         if full {
             // A failure stops the journal, which every durable wait reports.
             if let Err(e) =

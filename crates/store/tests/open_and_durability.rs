@@ -468,3 +468,53 @@ fn a_range_read_of_a_set_is_a_type_mismatch() {
         "{err}"
     );
 }
+
+/// The durable own seq, the one signal of what may leave the region,
+/// rises only when own deltas are on disk, in both modes, and starts at
+/// what a reopened store holds.
+#[tokio::test]
+async fn the_durable_own_seq_follows_the_disk_in_both_modes() {
+    for durability in [Durability::Group, Durability::Relaxed] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = clock();
+        let options = StoreOptions {
+            durability,
+            flush_every_ms: 60_000,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(dir.path(), identity("east", 1), options.clone()).expect("open");
+        let (_, _, declared) = store
+            .declare(&clock, "hits", CrdtType::Counter)
+            .expect("declare");
+        store.persisted(&declared).await.expect("persisted");
+        assert_eq!(store.durable_own_seq(), 1, "{durability:?}");
+        let item = Item {
+            keyspace: counter(),
+            key: "k".into(),
+            command: Command::Counter(CounterCommand::Add(1)),
+        };
+        let staged = store.stage_many(&clock, &[&[item.clone()], &[item]]);
+        let last = staged
+            .iter()
+            .map(|r| r.as_ref().expect("staged").last_seq)
+            .max()
+            .expect("receipts");
+        assert_eq!(last, 3);
+        assert_eq!(
+            store.durable_own_seq(),
+            1,
+            "{durability:?}: staged writes are not on disk yet"
+        );
+        let mut changes = store.changes();
+        changes.borrow_and_update();
+        store.sync().await.expect("sync");
+        assert_eq!(store.durable_own_seq(), 3, "{durability:?}");
+        assert!(
+            changes.has_changed().expect("sender"),
+            "{durability:?}: nobody woken"
+        );
+        drop(store);
+        let store = Store::open(dir.path(), identity("east", 1), options).expect("reopen");
+        assert_eq!(store.durable_own_seq(), 3, "{durability:?} after a reopen");
+    }
+}
