@@ -1,6 +1,7 @@
-//! Runs validated client operations against the region's store: resolves
-//! keyspaces, turns operations into one atomic store batch, waits for
-//! durability, and shapes the results for the API.
+//! Runs client requests against the region's store: resolves keyspaces,
+//! turns a batch of requests into one atomic store batch, waits for
+//! durability, and answers each request with its outcome (the service
+//! turns outcomes into the API's results). A lone read skips the writer.
 //!
 //! Client batches go through one writer task, which takes every batch
 //! waiting when it is free and stages them together
@@ -231,11 +232,15 @@ impl Engine {
     }
 
     /// Runs a lone read without the writer ([`Store::read`]): it does not
-    /// wait behind the write groups queued before it. A batch of several
+    /// wait behind the write groups queued before it (a set or a range
+    /// waits only for the commit running, under the writer lock). A batch of several
     /// reads still goes through the writer, which reads them all from one
     /// commit.
     async fn read(&self, op: Request) -> Result<(Request, Outcome)> {
-        let catalog = self.store.catalog()?;
+        let catalog = self
+            .store
+            .catalog()
+            .map_err(|e| NodeError::Unavailable(format!("cannot read the catalog: {e}")))?;
         let (mut items, _) = resolve(&catalog, std::slice::from_ref(&op))?;
         let item = items.pop().ok_or_else(|| {
             NodeError::Core(concord_core::CoreError::Bug(

@@ -35,10 +35,6 @@ pub enum NodeError {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 
-    /// A value does not fit the API's representation.
-    #[error("{0}")]
-    OutOfRange(String),
-
     /// The node is shutting down, or a background task it needed is gone.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -62,7 +58,6 @@ impl NodeError {
             NodeError::UnknownKeyspace(_) => Code::NotFound,
             NodeError::WrongType { .. } => Code::FailedPrecondition,
             NodeError::InvalidRequest(_) => Code::InvalidArgument,
-            NodeError::OutOfRange(_) => Code::OutOfRange,
             NodeError::Unavailable(_) => Code::Unavailable,
             NodeError::Config(_) => Code::InvalidArgument,
             NodeError::Serve(_) => Code::Unavailable,

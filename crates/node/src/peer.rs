@@ -293,8 +293,10 @@ impl PeerService {
         };
         let index = check_hello(&self.engine, &self.peers, &hello)?;
         if let Err(e) = observe_clock(&self.engine, &self.peers, index, first.sender_hlc) {
-            let region = &self.peers.config(index).region;
-            tracing::warn!(peer = %region, error = %e, "refused a peer whose clock is too far ahead; fix its clock");
+            if let LinkError::Clock(_) = e {
+                let region = &self.peers.config(index).region;
+                tracing::warn!(peer = %region, error = %e, "refused a peer whose clock is too far ahead; fix its clock");
+            }
             return Err(e.into());
         }
         Ok((hello, index))

@@ -21,7 +21,7 @@ use std::time::Duration;
 use concord_core::catalog::KeyspaceId;
 use concord_core::crdt::{StreamEntry, StreamId, StreamOp};
 use concord_core::proto::{crdt_type_from_proto, declaration_from_proto, declaration_to_proto};
-use concord_core::{CrdtType, Hlc, Op, ReplicaId, Value, VersionVector};
+use concord_core::{CoreError, CrdtType, Hlc, Op, ReplicaId, Value, VersionVector};
 use concord_proto::v1 as pb;
 use concord_store::snapshot::{Declaration, SnapshotChunk, SnapshotValue};
 use concord_store::StoreError;
@@ -517,9 +517,10 @@ impl Applier {
             }
         }
         let clock = self.engine.clock();
-        clock
-            .observe(newest)
-            .map_err(|e| LinkError::Clock(e).counted(&self.peers, self.index))?;
+        clock.observe(newest).map_err(|e| match e {
+            CoreError::ClockDrift { .. } => LinkError::Clock(e).counted(&self.peers, self.index),
+            other => LinkError::Local(other.into()),
+        })?;
         let hwm = clock.last();
         let (report, deltas) = match self.engine.apply_remote(deltas, hwm).await {
             Ok(applied) => applied,

@@ -7,7 +7,7 @@ use std::pin::Pin;
 
 use concord_core::crdt::StreamId;
 use concord_core::proto::crdt_type_from_proto;
-use concord_core::{CrdtType, Request as Command};
+use concord_core::{CrdtType, Request as CoreRequest};
 use concord_proto::v1 as pb;
 use concord_proto::v1::concord_server::Concord;
 use tokio_stream::Stream;
@@ -38,7 +38,7 @@ impl ClientService {
     }
 
     /// Runs one request and returns its result.
-    async fn one(&self, request: Command) -> Result<pb::operation_result::Result, Status> {
+    async fn one(&self, request: CoreRequest) -> Result<pb::operation_result::Result, Status> {
         let mut results = self.run(vec![request]).await?;
         results
             .pop()
@@ -46,7 +46,7 @@ impl ClientService {
             .ok_or_else(|| Status::internal("an operation returned no result"))
     }
 
-    async fn run(&self, requests: Vec<Command>) -> Result<Vec<pb::OperationResult>, Status> {
+    async fn run(&self, requests: Vec<CoreRequest>) -> Result<Vec<pb::OperationResult>, Status> {
         let done = self.engine.run(requests).await?;
         let results = done
             .into_iter()
@@ -224,7 +224,7 @@ impl Concord for ClientService {
         request: Request<pb::StreamTrimRequest>,
     ) -> Result<Response<pb::WriteResponse>, Status> {
         observe_rpc("stream_trim", async move {
-            let op = Command::try_from(request.into_inner()).map_err(NodeError::from)?;
+            let op = CoreRequest::try_from(request.into_inner()).map_err(NodeError::from)?;
             expect_result!(self.one(op).await?, StreamTrim)
         })
         .await
@@ -280,7 +280,7 @@ impl Concord for ClientService {
                 .into_inner()
                 .operations
                 .into_iter()
-                .map(Command::try_from)
+                .map(CoreRequest::try_from)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(NodeError::from)?;
             let results = self.run(ops).await?;

@@ -208,9 +208,11 @@ impl GroupCommit {
     /// and syncs what the journal holds pending, writes to sled every
     /// queued commit the write made durable ([`write_and_apply`]),
     /// publishes the highest commit number it covered, and starts the
-    /// checkpoint or the next segment's preparation when due. Callers
-    /// serialize it: a flush leader ([`GroupCommit::wait`],
-    /// [`GroupCommit::flush_now`]), or whoever holds the writer lock.
+    /// checkpoint or the next segment's preparation when due. A flush
+    /// leader ([`GroupCommit::wait`], [`GroupCommit::flush_now`]) and
+    /// whoever holds the writer lock may run it at once: the journal's
+    /// `active` lock and the pipeline's `applying` lock put their writes
+    /// in order.
     pub(crate) fn write_out(
         &self,
         journal: &Journal,
@@ -259,7 +261,7 @@ impl GroupCommit {
             offload
                 .run(move || group.write_out(&writing, &queue, &db, offload))
                 .await
-                .map_err(|e| StoreError::Journal(e.to_string()))?
+                .map_err(StoreError::FlushTask)?
         })
         .await
     }
@@ -311,6 +313,11 @@ impl GroupCommit {
                         lock: Some(lock),
                         durable: &self.durable,
                     };
+                    // A leader that published just before this one took
+                    // the lock may have covered `n` already.
+                    if *rx.borrow_and_update() >= n {
+                        return Ok(());
+                    }
                     flush().await?;
                 }
                 Err(_) => {

@@ -40,8 +40,6 @@ impl Item {
     }
 }
 
-/// A key's `values` record inside a transaction (for a set, its header
-/// only: see [`decode_value`]).
 /// What `item`'s command needs of its key's value ([`Access`]), read
 /// inside the commit: the value record, a slice of a set or the whole
 /// set, or a stream's watermark with the entries of a range.

@@ -63,6 +63,11 @@ impl Store {
                 Value::Set(self.set_slice(&keyspace.name, key, &vkey, named)?)
             }
             Access::Range { from, to, count } => {
+                // Under the locks a whole set is read under: no commit is
+                // half written meanwhile, so the range shows a batch's
+                // appends all or none.
+                let _writer = self.lock_writer();
+                let _applying = self.lock_applying();
                 let watermark = self.stream_watermark(keyspace, key)?;
                 let entries =
                     self.rows_from(&keyspace.name, key, from.max(watermark), to, count)?;

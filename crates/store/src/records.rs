@@ -33,6 +33,8 @@ pub(crate) fn decode_value(bytes: &[u8], ty: CrdtType) -> Result<Value> {
     Ok(value)
 }
 
+/// A key's `values` record inside a commit (for a set, its header only:
+/// see [`decode_value`]).
 pub(crate) fn tx_value(values: &Rw<'_>, ks: &KeyspaceId, key: &str) -> TxResult<Value> {
     match values.get(layout::value_key(ks, key))? {
         None => Ok(Value::empty(ks.ty)),

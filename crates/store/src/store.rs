@@ -50,11 +50,13 @@ use crate::rw::{from_tx, Data, Rw, Staging, Trees, TxResult};
 pub struct WriteReceipt {
     /// One outcome per item.
     pub results: Vec<Outcome>,
-    /// Commit number; pass the receipt to [`Store::durable`].
+    /// Commit number; pass the receipt to [`Store::durable`] (to answer the
+    /// client) or [`Store::persisted`] (before anything of it leaves the
+    /// region).
     pub(crate) commit: Option<u64>,
     /// The highest seq of this region's log the write appended; 0 when it
-    /// appended nothing. Once [`Store::durable`] returns, every own delta up
-    /// to it is on disk.
+    /// appended nothing. Once [`Store::persisted`] returns (in group mode,
+    /// [`Store::durable`] too), every own delta up to it is on disk.
     pub last_seq: u64,
 }
 
@@ -332,9 +334,10 @@ impl Store {
     }
 
     /// Runs a commit's `body`, which reads and writes the data trees:
-    /// staged in memory when `staged` is asked for and the store keeps a
-    /// journal, its writes returned for [`Store::commit_staged`]; otherwise
-    /// in a sled transaction, committed on return ([`crate::rw`]).
+    /// staged in memory when the store keeps a journal and the commit is
+    /// not the journal's replay, its writes returned for
+    /// [`Store::commit_staged`]; otherwise in a sled transaction,
+    /// committed on return ([`crate::rw`]).
     pub(crate) fn run_data<T>(
         &self,
         kind: CommitKind,
@@ -369,7 +372,7 @@ impl Store {
     /// Queues a staged local commit ([`crate::pipeline`]): its deltas go
     /// to the journal with whatever other commits were waiting there, and
     /// its records wait for the journal write that makes them durable.
-    /// With `wait`, that write is made now, on this thread, and the commit
+    /// With [`Journaling::Now`], that write is made now, on this thread, and the commit
     /// is durable and in sled on return. Returns its commit number.
     pub(crate) fn commit_staged(
         &self,

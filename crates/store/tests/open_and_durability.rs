@@ -493,7 +493,10 @@ async fn the_durable_own_seq_follows_the_disk_in_both_modes() {
             key: "k".into(),
             command: Command::Counter(CounterCommand::Add(1)),
         };
-        let staged = store.stage_many(&clock, &[&[item.clone()], &[item]]);
+        let staged = store.stage_many(
+            &clock,
+            &[std::slice::from_ref(&item), std::slice::from_ref(&item)],
+        );
         let last = staged
             .iter()
             .map(|r| r.as_ref().expect("staged").last_seq)
