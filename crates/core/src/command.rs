@@ -288,3 +288,99 @@ mod wire {
 
 #[cfg(feature = "proto")]
 pub(crate) use wire::{unexpected, written};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crdt::{CounterCommand, Field, SetCommand};
+
+    #[test]
+    fn a_request_is_checked_and_its_range_bounded() {
+        let limits = Limits::default();
+        let range = |count| {
+            Request::new(
+                "ev",
+                "k",
+                Command::Stream(StreamCommand::Range {
+                    from: StreamId::MIN,
+                    to: StreamId::MAX,
+                    count,
+                }),
+            )
+        };
+        let bounded = |count| match range(count).checked(&limits).expect("valid").command {
+            Command::Stream(StreamCommand::Range { count, .. }) => count,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(bounded(0), limits.max_range_entries);
+        assert_eq!(bounded(5), 5);
+        assert_eq!(bounded(usize::MAX), limits.max_range_entries);
+        let unnamed = Request::new("", "k", Command::Counter(CounterCommand::Get));
+        assert!(matches!(
+            unnamed.checked(&limits),
+            Err(CoreError::Invalid { .. })
+        ));
+        let long = Request::new(
+            "c",
+            "k".repeat(limits.max_key_bytes + 1),
+            Command::Counter(CounterCommand::Get),
+        );
+        assert!(matches!(
+            long.checked(&limits),
+            Err(CoreError::LimitExceeded { .. })
+        ));
+    }
+
+    #[test]
+    fn a_command_refuses_a_value_of_another_type() {
+        let add = Command::Set(SetCommand::Add(vec![b"a".to_vec()]));
+        let counter = Value::empty(CrdtType::Counter);
+        let err = add
+            .prepare(&counter, ReplicaId(1), Hlc::ZERO, &Limits::default())
+            .expect_err("mismatch");
+        assert!(matches!(
+            err,
+            CoreError::TypeMismatch {
+                expected: CrdtType::Counter,
+                found: CrdtType::Set
+            }
+        ));
+        assert!(add.reply(&counter, ReplicaId(1), None).is_err());
+    }
+
+    #[test]
+    fn a_counter_answer_outside_i64_is_an_error_not_a_wrapped_value() {
+        let mut value = Value::empty(CrdtType::Counter);
+        let add = Command::Counter(CounterCommand::Add(i64::MAX));
+        for origin in [ReplicaId(1), ReplicaId(2)] {
+            let op = add
+                .prepare(&value, origin, Hlc::ZERO, &Limits::default())
+                .expect("prepare")
+                .expect("a write");
+            value.apply(origin, Hlc::ZERO, &op).expect("apply");
+        }
+        let get = Command::Counter(CounterCommand::Get);
+        assert!(matches!(
+            get.reply(&value, ReplicaId(1), None),
+            Err(CoreError::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn an_append_answers_its_id_from_its_stamp() {
+        let append = Command::Stream(StreamCommand::Append(vec![Field::new("f", "v")]));
+        let stream = Value::empty(CrdtType::Stream);
+        let hlc = Hlc::from_u64(1 << 30);
+        let stamp = Stamp { seq: 3, hlc };
+        assert_eq!(
+            append
+                .reply(&stream, ReplicaId(7), Some(stamp))
+                .expect("reply"),
+            Reply::Appended(StreamId::new(hlc, ReplicaId(7)))
+        );
+        assert!(matches!(
+            append.reply(&stream, ReplicaId(7), None),
+            Err(CoreError::Bug(_))
+        ));
+    }
+}
