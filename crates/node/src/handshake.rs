@@ -50,6 +50,13 @@ pub enum LinkError {
         /// The heartbeat interval, in seconds.
         heartbeat_s: u64,
     },
+    /// The peer accepted the connection but did not answer the opening
+    /// in time.
+    #[error("connected, but no answer within {within_s} s")]
+    NoAnswer {
+        /// The handshake's timeout, in seconds.
+        within_s: u64,
+    },
     /// The peer ended the stream cleanly.
     #[error("the peer ended the stream")]
     Ended,
@@ -125,6 +132,12 @@ impl LinkError {
         matches!(self, LinkError::Peer(_) | LinkError::Clock(_))
     }
 
+    /// The peer sent data out of protocol: refused, and counted on peer
+    /// `index`'s status.
+    pub(crate) fn bad_data(peers: &Peers, index: usize, message: impl Into<String>) -> LinkError {
+        LinkError::Peer(PeerFault::BadData(message.into())).counted(peers, index)
+    }
+
     /// Counts the failure on peer `index`'s status when the peer is at
     /// fault; returns the error.
     pub(crate) fn counted(self, peers: &Peers, index: usize) -> LinkError {
@@ -149,6 +162,7 @@ impl From<LinkError> for Status {
             }
             LinkError::Peer(_) => Status::invalid_argument(e.to_string()),
             LinkError::Silent { .. }
+            | LinkError::NoAnswer { .. }
             | LinkError::Unreachable { .. }
             | LinkError::Ended
             | LinkError::Closed => Status::unavailable(e.to_string()),

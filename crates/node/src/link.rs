@@ -174,11 +174,8 @@ impl Link {
         )))?;
         let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE_FRAMES);
         tx.send(hello).await.map_err(|_| LinkError::Closed)?;
-        let waited = || {
-            unreachable(format!(
-                "no answer within {} s",
-                HANDSHAKE_TIMEOUT.as_secs()
-            ))
+        let waited = || LinkError::NoAnswer {
+            within_s: HANDSHAKE_TIMEOUT.as_secs(),
         };
         let opened =
             tokio::time::timeout(HANDSHAKE_TIMEOUT, client.subscribe(ReceiverStream::new(rx)))

@@ -30,7 +30,7 @@ use tonic::{Status, Streaming};
 
 use crate::engine::Engine;
 use crate::error::NodeError;
-use crate::handshake::{observe_clock, LinkError, PeerFault};
+use crate::handshake::{observe_clock, LinkError};
 use crate::peer::Peers;
 use crate::subscribe::Appended;
 
@@ -223,10 +223,11 @@ impl Provider {
                 self.sent.merge(&theirs);
             }
             Some(pb::subscriber_frame::Body::Hello(_)) | None => {
-                return Err(LinkError::Peer(PeerFault::BadData(
-                    "only the first frame may be a Hello, and every frame needs a body".into(),
-                ))
-                .counted(&self.peers, self.index)
+                return Err(LinkError::bad_data(
+                    &self.peers,
+                    self.index,
+                    "only the first frame may be a Hello, and every frame needs a body",
+                )
                 .into());
             }
         }
@@ -486,7 +487,7 @@ impl Applier {
 
     /// Refuses (and counts) what the peer sent.
     fn refuse(&self, message: String) -> LinkError {
-        LinkError::Peer(PeerFault::BadData(message)).counted(&self.peers, self.index)
+        LinkError::bad_data(&self.peers, self.index, message)
     }
 
     /// Applies delta batches (their frames' clocks already observed) in
