@@ -77,7 +77,9 @@ pub struct Stamp {
     /// Sequence number in this region's log; 0 when the write changed
     /// nothing and was not logged.
     pub seq: u64,
-    /// The write's timestamp; for a stream append, its entry id's.
+    /// The write's timestamp; for a stream append, its entry id's. Zero
+    /// when `seq` is: a write that changed nothing has no place in the
+    /// order of writes (and a timestamp of it would survive no crash).
     pub hlc: Hlc,
 }
 

@@ -121,6 +121,7 @@ async fn every_operation_works_against_one_node() {
         .expect("remove absent")
         .into_inner();
     assert_eq!(absent.seq, 0, "removing an absent member logs nothing");
+    assert_eq!(absent.hlc, 0, "and is stamped with no time");
     let members = c
         .set_members(pb::SetMembersRequest {
             keyspace: "tags".into(),

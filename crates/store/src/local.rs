@@ -434,7 +434,13 @@ impl<'a> LocalCommit<'a> {
             .prepare(&current, me, hlc, self.limits)
             .or_else(abort)?
         else {
-            let stamp = Stamp { seq: 0, hlc };
+            // Nothing was written: no timestamp either. One answered here
+            // would be durable nowhere, and a region restarted after a
+            // power cut could answer a later write with a smaller one.
+            let stamp = Stamp {
+                seq: 0,
+                hlc: Hlc::ZERO,
+            };
             let reply = command.reply(&current, me, Some(stamp)).or_else(abort)?;
             return Ok(Outcome {
                 write: Some(stamp),
