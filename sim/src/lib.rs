@@ -13,10 +13,13 @@
 //! - [`mod@run`]: one seed, start to checks ([`run()`]).
 //! - [`check`]: replica dumps, and the checks of acknowledged writes.
 //! - [`workload`]: the clients and their history.
+//! - [`disk`]: the regions' disks, which lose what was not synced in a
+//!   power cut, tear a write, fail a sync, or run slow.
 //! - [`net`], [`time`]: the node's transport and clock in the simulation.
 //! - [`trace`]: the digest that proves a seed replays exactly.
 
 pub mod check;
+pub mod disk;
 pub mod net;
 pub mod panics;
 pub mod run;

@@ -3,6 +3,7 @@
 //! ```text
 //! concord-sim run --seeds 500 [--start S | --random] [--regions 3]
 //!                 [--faults partition,crash,...] [--duration 10] [--jobs 2]
+//!                 [--durability group|relaxed|mixed] [--lying-disk]
 //! concord-sim replay --seed S [same options]
 //! ```
 
@@ -14,6 +15,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
+use concord_sim::scenario::DurabilityChoice;
 use concord_sim::{FaultKind, Options, Outcome};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -81,6 +83,15 @@ struct ScenarioArgs {
     /// directory; a tmpfs such as /dev/shm makes runs faster).
     #[arg(long, env = "CONCORD_SIM_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// When the regions acknowledge writes (mixed: relaxed in one seed of
+    /// four).
+    #[arg(long, value_enum, default_value_t = DurabilityChoice::Mixed)]
+    durability: DurabilityChoice,
+    /// Plant a bug: disks that say a sync is done without doing it, so
+    /// writes are acknowledged before they are durable. With power cuts
+    /// among the faults the suite must fail (use with --expect-failure).
+    #[arg(long)]
+    lying_disk: bool,
 }
 
 impl ScenarioArgs {
@@ -89,6 +100,8 @@ impl ScenarioArgs {
             regions: self.regions,
             duration: Duration::from_secs(self.duration),
             clients: self.clients,
+            durability: self.durability,
+            lying_disk: self.lying_disk,
             ..Options::default()
         };
         if let Some(faults) = &self.faults {
@@ -106,6 +119,17 @@ impl ScenarioArgs {
         if let Some(faults) = &self.faults {
             let names: Vec<&str> = faults.iter().map(|f| f.name()).collect();
             args.push_str(&format!(" --faults {}", names.join(",")));
+        }
+        if self.durability != DurabilityChoice::Mixed {
+            let name = match self.durability {
+                DurabilityChoice::Group => "group",
+                DurabilityChoice::Relaxed => "relaxed",
+                DurabilityChoice::Mixed => "mixed",
+            };
+            args.push_str(&format!(" --durability {name}"));
+        }
+        if self.lying_disk {
+            args.push_str(" --lying-disk");
         }
         args
     }

@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use concord_core::{Clock, CrdtType, Limits};
 use concord_node::config::{Durability, KeyspaceConfig, LogConfig, PeerConfig, StorageConfig};
-use concord_node::{Config, Node};
+use concord_node::{Config, Machine, Node};
 use concord_store::{Offload, Store};
 
 use crate::check::{self, Dump};
+use crate::disk::SimDisk;
 use crate::net;
 use crate::scenario::{
     Action, FaultKind, Options, Plan, MAX_DRIFT_MS, SIM_MAX_DELTA_BYTES, WITHIN_SKEW_PERCENT,
@@ -87,6 +88,20 @@ struct World<'a> {
     registry: Registry,
     started: Rc<Cell<usize>>,
     crashed: BTreeSet<usize>,
+    /// Each region's disk, across its restarts.
+    disks: Vec<SimDisk>,
+    /// Each region's data directory now: a power cut moves it to a new
+    /// one, built from what the disk kept.
+    dirs: Vec<Rc<RefCell<PathBuf>>>,
+    /// Regions down with their power cut, to be rebuilt before restarting.
+    lost_power: BTreeSet<usize>,
+    /// Regions with a torn write or a failed sync armed or struck, whose
+    /// power is still to be cut.
+    disk_faulted: BTreeSet<usize>,
+    /// When each region's power was cut.
+    power_cuts: Vec<Vec<Duration>>,
+    /// Power cuts so far, for the directories' names.
+    cuts: u32,
     /// The network episode under way (its starting action).
     episode: Option<Action>,
     /// Regions whose clock was ever off by more than the bound.
@@ -136,6 +151,24 @@ pub fn run(seed: u64, options: &Options, data_root: Option<&Path>) -> Result<Out
         )),
         started: Rc::new(Cell::new(0)),
         crashed: BTreeSet::new(),
+        disks: (0..regions)
+            .map(|r| {
+                let disk = SimDisk::new(seed ^ (r as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                if options.lying_disk {
+                    disk.lying();
+                }
+                disk
+            })
+            .collect(),
+        dirs: plan
+            .regions
+            .iter()
+            .map(|r| Rc::new(RefCell::new(dir.path().join(r.name))))
+            .collect(),
+        lost_power: BTreeSet::new(),
+        disk_faulted: BTreeSet::new(),
+        power_cuts: vec![Vec::new(); regions],
+        cuts: 0,
         episode: None,
         quarantined: BTreeSet::new(),
         last_hlc: vec![None; regions],
@@ -249,10 +282,14 @@ impl World<'_> {
             region: region.name.to_string(),
             replica_id: region.replica,
             listen: std::net::SocketAddr::from(([0, 0, 0, 0], net::PORT)),
-            data_dir: self.data.join(region.name),
+            data_dir: self.dirs[i].borrow().clone(),
             metrics_listen: None,
             peers,
-            durability: Durability::Group,
+            durability: if self.plan.relaxed {
+                Durability::Relaxed
+            } else {
+                Durability::Group
+            },
             // 0 turns the node's check off.
             max_drift_ms: if self.options.drift_check {
                 MAX_DRIFT_MS
@@ -277,10 +314,30 @@ impl World<'_> {
         let skew = self.skews[i].clone();
         let registry = self.registry.clone();
         let name = self.plan.regions[i].name;
+        let (dir, disk) = (self.dirs[i].clone(), self.disks[i].clone());
         self.sim.host(name, move || {
-            let (config, skew, registry) = (config.clone(), skew.clone(), registry.clone());
+            let (skew, registry) = (skew.clone(), registry.clone());
+            let config = Config {
+                data_dir: dir.borrow().clone(),
+                ..config.clone()
+            };
+            let machine = Machine {
+                offload: Offload::Inline,
+                disk: Arc::new(disk.clone()),
+            };
+            let struck = disk.clone();
             async move {
-                let node = Node::open_with(config, SimTime::new(skew), Offload::Inline).await?;
+                let node = match Node::open_on(config, SimTime::new(skew), machine).await {
+                    Ok(node) => node,
+                    // A disk fault struck while opening: the node is down
+                    // until the power cut that ends the fault.
+                    Err(e) if struck.struck() => {
+                        tracing::warn!(error = %e, "the node could not open on a failed disk");
+                        std::future::pending::<()>().await;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 registry.borrow_mut()[i] = Handles {
                     store: Arc::downgrade(node.engine().store()),
                     clock: Arc::downgrade(node.engine().clock()),
@@ -367,9 +424,19 @@ impl World<'_> {
             }
             Action::Restart(r) => {
                 if self.crashed.remove(r) {
-                    self.sim.bounce(name(*r));
+                    self.restart(*r);
                 }
             }
+            Action::PowerLoss(r) => self.cut_power(*r),
+            Action::TearNextWrite(r) => {
+                self.disk_faulted.insert(*r);
+                self.disks[*r].tear_next_write();
+            }
+            Action::FailNextSync(r) => {
+                self.disk_faulted.insert(*r);
+                self.disks[*r].fail_next_sync();
+            }
+            Action::SlowDisk(r, ms) => self.disks[*r].set_slow(Duration::from_millis(*ms)),
             Action::Skew(r, ms) => {
                 if ms.unsigned_abs() > MAX_DRIFT_MS {
                     self.quarantined.insert(*r);
@@ -414,8 +481,45 @@ impl World<'_> {
         }
     }
 
+    /// Cuts region `r`'s power: its node stops (unless it is down
+    /// already), and it restarts on what its disk kept.
+    fn cut_power(&mut self, r: usize) {
+        if self.crashed.insert(r) {
+            self.crash(r);
+        }
+        self.lost_power.insert(r);
+        self.disk_faulted.remove(&r);
+        self.power_cuts[r].push(self.sim.elapsed());
+    }
+
+    /// Restarts region `r`'s node, first building, after a power cut, the
+    /// data directory its disk kept.
+    fn restart(&mut self, r: usize) {
+        let name = self.plan.regions[r].name;
+        if self.lost_power.remove(&r) {
+            self.cuts += 1;
+            let from = self.dirs[r].borrow().clone();
+            let to = self.data.join(format!("{name}.{}", self.cuts));
+            match self.disks[r].power_loss(&from, &to) {
+                Ok(lost) => {
+                    self.trace.line(format_args!(
+                        "{:?} power back in {name}: {lost:?}",
+                        self.sim.elapsed()
+                    ));
+                    *self.dirs[r].borrow_mut() = to;
+                }
+                Err(e) => self.violations.push(format!(
+                    "rebuilding {name}'s disk after a power cut failed: {e}"
+                )),
+            }
+        }
+        self.sim.bounce(name);
+    }
+
     /// Ends every fault: links repaired and released, loss off, clocks
-    /// right, crashed nodes restarted, a region still to join started.
+    /// right, disks fast and whole again (a region whose disk failed has
+    /// its power cut), crashed nodes restarted, a region still to join
+    /// started.
     fn heal(&mut self) {
         let all: Vec<usize> = (0..self.started.get()).collect();
         for a in &all {
@@ -431,8 +535,14 @@ impl World<'_> {
         for skew in &self.skews {
             skew.set(0);
         }
+        for disk in &self.disks {
+            disk.set_slow(Duration::ZERO);
+        }
+        for r in std::mem::take(&mut self.disk_faulted) {
+            self.cut_power(r);
+        }
         for r in std::mem::take(&mut self.crashed) {
-            self.sim.bounce(self.plan.regions[r].name);
+            self.restart(r);
         }
         for i in self.started.get()..self.plan.regions.len() {
             self.start_region(i);
@@ -511,7 +621,7 @@ impl World<'_> {
     }
 
     fn finish(&mut self, history: &History, converged: Option<Duration>) -> Outcome {
-        let history = history.borrow();
+        let history = self.lost_to_power_cuts(&history.borrow());
         for r in history.iter() {
             self.trace.line(format_args!("{r:?}"));
         }
@@ -555,6 +665,7 @@ impl World<'_> {
             self.trace.line(format_args!("violation {v}"));
         }
         let (mut acked, mut failed, mut reads) = (0, 0, 0);
+        let history = &history;
         for r in history.iter() {
             match r.answer {
                 workload::Answer::Acked { .. } => acked += 1,
@@ -574,6 +685,39 @@ impl World<'_> {
             simulated: self.sim.elapsed(),
             wall: Duration::ZERO,
         }
+    }
+}
+
+impl World<'_> {
+    /// The history as the checks must read it. With relaxed durability a
+    /// power cut may lose what a region acknowledged since its last flush
+    /// (a flush started after a write's answer covers it): those writes
+    /// count as of unknown outcome. In group mode nothing changes.
+    fn lost_to_power_cuts(&self, history: &[workload::Record]) -> Vec<workload::Record> {
+        let mut history = history.to_vec();
+        if !self.plan.relaxed {
+            return history;
+        }
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        for (r, cuts) in self.power_cuts.iter().enumerate() {
+            let flushes = self.disks[r].flushes();
+            for cut in cuts {
+                let since = flushes
+                    .iter()
+                    .filter(|f| *f <= cut)
+                    .max()
+                    .map_or(0, |f| ms(*f));
+                for record in history.iter_mut().filter(|x| x.region == r) {
+                    let window = (since..=ms(*cut)).contains(&record.completed_ms);
+                    if window && record.acked_hlc().is_some() {
+                        record.answer = workload::Answer::Failed(
+                            "acknowledged, then lost in a power cut before a flush (relaxed)",
+                        );
+                    }
+                }
+            }
+        }
+        history
     }
 }
 

@@ -54,11 +54,24 @@ pub enum FaultKind {
     SkewBeyond,
     /// A new region added in the middle of the run.
     Join,
+    /// A region's power cut: its node stops, and its disk loses what was
+    /// not synced ([`crate::disk`]); then it restarts. Counts every power
+    /// cut, those that end a torn write or a failed disk included.
+    PowerLoss,
+    /// The power failing in the middle of a journal write: a part of the
+    /// write reaches the disk; the node restarts on what is there.
+    TornWrite,
+    /// A sync failing with an I/O error: the journal stops, and the node
+    /// is restarted a little later, after a power cut (the kernel may have
+    /// dropped the pages it could not write).
+    DiskError,
+    /// A region's syncs taking 20–200 ms of simulated time for a while.
+    SlowDisk,
 }
 
 impl FaultKind {
     /// Every kind.
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 14] = [
         FaultKind::Partition,
         FaultKind::Partial,
         FaultKind::Oneway,
@@ -69,6 +82,10 @@ impl FaultKind {
         FaultKind::Skew,
         FaultKind::SkewBeyond,
         FaultKind::Join,
+        FaultKind::PowerLoss,
+        FaultKind::TornWrite,
+        FaultKind::DiskError,
+        FaultKind::SlowDisk,
     ];
 
     /// The kind's name on the command line.
@@ -84,6 +101,10 @@ impl FaultKind {
             FaultKind::Skew => "skew",
             FaultKind::SkewBeyond => "skew-beyond",
             FaultKind::Join => "join",
+            FaultKind::PowerLoss => "power-loss",
+            FaultKind::TornWrite => "torn-write",
+            FaultKind::DiskError => "disk-error",
+            FaultKind::SlowDisk => "slow-disk",
         }
     }
 
@@ -124,6 +145,27 @@ pub struct Options {
     /// [`MAX_DRIFT_MS`]. Off only to prove the clock checker catches a
     /// node that accepts them.
     pub drift_check: bool,
+    /// When the regions acknowledge writes.
+    pub durability: DurabilityChoice,
+    /// Plants a bug: every region's disk says a sync or a flush is done
+    /// without making anything durable, so writes are acknowledged before
+    /// they are. Only to prove the checkers catch it.
+    pub lying_disk: bool,
+}
+
+/// Which durability mode the regions of a run use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DurabilityChoice {
+    /// Group commit: a write is acknowledged once its journal frame is
+    /// synced; no acknowledged write may be lost.
+    Group,
+    /// Relaxed: acknowledged before sled's flush; a power cut may lose the
+    /// writes a region acknowledged since its last flush, alike in every
+    /// region.
+    Relaxed,
+    /// Drawn per seed: relaxed one time in four.
+    #[default]
+    Mixed,
 }
 
 impl Default for Options {
@@ -135,6 +177,8 @@ impl Default for Options {
             clients: 3,
             converge_within: Duration::from_secs(60),
             drift_check: true,
+            durability: DurabilityChoice::Mixed,
+            lying_disk: false,
         }
     }
 }
@@ -196,6 +240,15 @@ pub enum Action {
     LossEnd(usize, usize),
     /// Crash a region's node.
     Crash(usize),
+    /// Cut a region's power: its node stops and its disk loses what was
+    /// not durable.
+    PowerLoss(usize),
+    /// Tear the next journal write of a region: the power fails during it.
+    TearNextWrite(usize),
+    /// Fail the next sync of a region's disk.
+    FailNextSync(usize),
+    /// Make a region's syncs take this many milliseconds (0: fast again).
+    SlowDisk(usize, u64),
     /// Restart a crashed region's node.
     Restart(usize),
     /// Set a region's clock error, in milliseconds.
@@ -218,6 +271,11 @@ impl Action {
             Action::Skew(_, 0) => None,
             Action::Skew(..) => Some(FaultKind::Skew),
             Action::Join(..) => Some(FaultKind::Join),
+            Action::PowerLoss(..) => Some(FaultKind::PowerLoss),
+            Action::TearNextWrite(..) => Some(FaultKind::TornWrite),
+            Action::FailNextSync(..) => Some(FaultKind::DiskError),
+            Action::SlowDisk(_, 0) => None,
+            Action::SlowDisk(..) => Some(FaultKind::SlowDisk),
             _ => None,
         }
     }
@@ -256,6 +314,8 @@ pub struct Plan {
     pub events: Vec<Event>,
     /// Most bytes per origin log; small values force catch-up by snapshot.
     pub log_cap_bytes: u64,
+    /// Whether the regions run with relaxed durability.
+    pub relaxed: bool,
 }
 
 /// Largest delta a simulated node accepts: small limits keep logs short.
@@ -404,6 +464,8 @@ impl Plan {
             }
         }
 
+        disk_faults(&mut rng, options, founders, &mut events);
+
         // Stable: events at the same time keep the order they were drawn in.
         events.sort_by_key(|e| e.at);
         let log_cap_bytes = if rng.bool() {
@@ -411,13 +473,79 @@ impl Plan {
         } else {
             64 << 20
         };
+        let relaxed = match options.durability {
+            DurabilityChoice::Group => false,
+            DurabilityChoice::Relaxed => true,
+            DurabilityChoice::Mixed => rng.u32(..4) == 0,
+        };
         Plan {
             seed,
             regions,
             latencies,
             events,
             log_cap_bytes,
+            relaxed,
         }
+    }
+}
+
+/// Draws the disk's faults: power cuts, a torn write and a failed sync
+/// (each ended by a power cut and a restart), a slow spell.
+fn disk_faults(
+    rng: &mut fastrand::Rng,
+    options: &Options,
+    founders: usize,
+    events: &mut Vec<Event>,
+) {
+    let on = |k: FaultKind| options.faults.contains(&k);
+    let duration_ms = u64::try_from(options.duration.as_millis()).unwrap_or(u64::MAX);
+    let ms = Duration::from_millis;
+    let mut cut = |rng: &mut fastrand::Rng, r: usize, arm: Option<Action>| {
+        let at = rng.u64(0..=duration_ms.saturating_sub(500));
+        let mut down = at;
+        if let Some(arm) = arm {
+            events.push(Event {
+                at: ms(at),
+                action: arm,
+            });
+            // The armed fault strikes at the region's next write or sync.
+            down += rng.u64(1..=500);
+        }
+        events.push(Event {
+            at: ms(down),
+            action: Action::PowerLoss(r),
+        });
+        events.push(Event {
+            at: ms(down + rng.u64(50..=3_000)),
+            action: Action::Restart(r),
+        });
+    };
+    if on(FaultKind::PowerLoss) {
+        for _ in 0..rng.usize(1..=2) {
+            let r = rng.usize(..founders);
+            cut(rng, r, None);
+        }
+    }
+    if on(FaultKind::TornWrite) && rng.bool() {
+        let r = rng.usize(..founders);
+        cut(rng, r, Some(Action::TearNextWrite(r)));
+    }
+    if on(FaultKind::DiskError) && rng.bool() {
+        let r = rng.usize(..founders);
+        cut(rng, r, Some(Action::FailNextSync(r)));
+    }
+    if on(FaultKind::SlowDisk) && rng.bool() {
+        let r = rng.usize(..founders);
+        let from = rng.u64(0..=duration_ms / 2);
+        let to = from + rng.u64(200..=duration_ms / 2);
+        events.push(Event {
+            at: ms(from),
+            action: Action::SlowDisk(r, rng.u64(20..=200)),
+        });
+        events.push(Event {
+            at: ms(to),
+            action: Action::SlowDisk(r, 0),
+        });
     }
 }
 

@@ -308,6 +308,7 @@ impl Config {
             max_log_bytes_per_origin: self.storage.max_log_bytes_per_origin,
             offload: Offload::Pool,
             journal_segment_bytes: self.storage.journal_segment_bytes,
+            ..StoreOptions::default()
         }
     }
 

@@ -62,4 +62,6 @@ pub use config::Config;
 pub use connect::Connector;
 pub use engine::Engine;
 pub use error::{NodeError, Result};
-pub use server::{Node, KEEPALIVE, MAX_CONCURRENT_STREAMS, MAX_MESSAGE_BYTES, SHUTDOWN_GRACE};
+pub use server::{
+    Machine, Node, KEEPALIVE, MAX_CONCURRENT_STREAMS, MAX_MESSAGE_BYTES, SHUTDOWN_GRACE,
+};

@@ -14,7 +14,7 @@ use concord_core::clock::PhysicalTime;
 use concord_core::{Clock, ReplicaId};
 use concord_proto::v1::concord_server::ConcordServer;
 use concord_proto::v1::replication_server::ReplicationServer;
-use concord_store::{Identity, Offload, Store, StoreOptions};
+use concord_store::{Disk, Identity, Offload, OsDisk, Store, StoreOptions};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio_stream::Stream;
@@ -44,6 +44,27 @@ pub const KEEPALIVE: Duration = Duration::from_secs(20);
 /// before the node stops serving anyway (writes are flushed either way).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
+/// What a node runs on, besides its configuration and clock: where its
+/// blocking store work runs and the disk its journal is written to. The
+/// default is a real process's: tokio's blocking pool and the operating
+/// system's file system.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    /// Where blocking store work runs.
+    pub offload: Offload,
+    /// The disk under the store.
+    pub disk: Arc<dyn Disk>,
+}
+
+impl Default for Machine {
+    fn default() -> Self {
+        Machine {
+            offload: Offload::Pool,
+            disk: Arc::new(OsDisk),
+        }
+    }
+}
+
 /// A region node, ready to serve.
 #[derive(Debug)]
 pub struct Node {
@@ -57,17 +78,17 @@ impl Node {
     /// missing), starts its clock on `time`, and declares the configured
     /// keyspaces. Blocking store work runs on tokio's blocking pool.
     pub async fn open(config: Config, time: impl PhysicalTime) -> Result<Node> {
-        Node::open_with(config, time, Offload::Pool).await
+        Node::open_on(config, time, Machine::default()).await
     }
 
-    /// [`Node::open`], with blocking store work run where `offload` says:
-    /// [`Offload::Inline`] keeps every step of the node on the calling
-    /// thread, which a deterministic single-threaded runtime (the
-    /// simulator) needs.
-    pub async fn open_with(
+    /// [`Node::open`] on `machine`: [`Offload::Inline`] keeps every step
+    /// of the node on the calling thread, which a deterministic
+    /// single-threaded runtime (the simulator) needs, and its disk may be
+    /// one that fails.
+    pub async fn open_on(
         config: Config,
         time: impl PhysicalTime,
-        offload: Offload,
+        machine: Machine,
     ) -> Result<Node> {
         config.validate()?;
         let dir = config.data_dir.clone();
@@ -75,8 +96,10 @@ impl Node {
             region: config.region.clone(),
             replica: ReplicaId(config.replica_id),
         };
+        let Machine { offload, disk } = machine;
         let options = StoreOptions {
             offload,
+            disk,
             ..config.store_options()
         };
         let store = offload

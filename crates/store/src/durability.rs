@@ -32,6 +32,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex, MutexGuard};
 
+use crate::disk::Db;
 use crate::error::{Result, StoreError};
 use crate::journal::{Journal, Written};
 use crate::offload::Offload;
@@ -191,7 +192,7 @@ impl GroupCommit {
         &self,
         journal: &Journal,
         pipeline: &Pipeline,
-        db: &sled::Db,
+        db: &Db,
         offload: Offload,
     ) -> Result<()> {
         let Ok(lock) = self.flusher.try_lock() else {
@@ -217,7 +218,7 @@ impl GroupCommit {
         &self,
         journal: &Journal,
         pipeline: &Pipeline,
-        db: &sled::Db,
+        db: &Db,
         offload: Offload,
     ) -> Result<()> {
         let written = write_and_apply(journal, pipeline)?;
@@ -226,7 +227,7 @@ impl GroupCommit {
     }
 
     /// Publishes what a flush made durable and starts its checkpoint.
-    fn written(&self, written: Written, db: &sled::Db, offload: Offload) {
+    fn written(&self, written: Written, db: &Db, offload: Offload) {
         self.flushes.fetch_add(1, Ordering::Relaxed);
         self.publish(written.through);
         if let Some(checkpoint) = written.checkpoint {
@@ -250,12 +251,18 @@ impl GroupCommit {
         self: &Arc<Self>,
         journal: &Arc<Journal>,
         pipeline: &Arc<Pipeline>,
-        db: &sled::Db,
+        db: &Db,
         n: u64,
         offload: Offload,
     ) -> Result<()> {
         self.lead_or_follow(n, || async {
             journal.check()?;
+            // A slow disk's sync, in the caller's clock (the simulator's);
+            // commits that arrive meanwhile join this write.
+            let delay = db.disk().sync_delay();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let (group, writing, queue, db) =
                 (self.clone(), journal.clone(), pipeline.clone(), db.clone());
             offload
@@ -272,7 +279,7 @@ impl GroupCommit {
     /// leaves the region (own deltas shipped to peers, acknowledgements
     /// upstream, snapshots) waits for it, so a crash can never leave
     /// other regions holding what this one lost (docs/DECISIONS.md).
-    pub(crate) async fn wait_flushed(&self, db: &sled::Db, n: u64, offload: Offload) -> Result<()> {
+    pub(crate) async fn wait_flushed(&self, db: &Db, n: u64, offload: Offload) -> Result<()> {
         self.lead_or_follow(n, || async {
             // Flushes start at most every RELAXED_FLUSH_SPACING: back to
             // back they took a quarter of a busy region's throughput, and
@@ -285,6 +292,10 @@ impl GroupCommit {
             // Every commit numbered so far is in sled's memory: the flush
             // below covers them all.
             let through = self.last_committed();
+            let delay = db.disk().sync_delay();
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let flushing = db.clone();
             offload.run(move || flushing.flush()).await??;
             self.flushes.fetch_add(1, Ordering::Relaxed);

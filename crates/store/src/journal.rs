@@ -92,8 +92,6 @@
 //! failed `fsync` is unsafe on Linux (the kernel may have dropped the
 //! dirty pages it could not write).
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -101,6 +99,7 @@ use std::time::Duration;
 
 use concord_core::{Delta, Limits};
 
+use crate::disk::{Db, Disk, DiskFile};
 use crate::error::{Result, StoreError};
 
 /// The journal's directory inside a store's data directory.
@@ -150,7 +149,7 @@ struct Pending {
 
 /// The segment being appended to.
 struct Active {
-    file: File,
+    file: Box<dyn DiskFile>,
     index: u64,
     /// Bytes written: where the next frame goes.
     len: u64,
@@ -179,6 +178,7 @@ struct SpareSlot {
 
 /// The journal of one store (see the module docs).
 pub(crate) struct Journal {
+    disk: Arc<dyn Disk>,
     dir: PathBuf,
     segment_bytes: u64,
     pending: Mutex<Pending>,
@@ -207,6 +207,7 @@ pub(crate) struct Written {
 /// write path. Dropped unrun, it gives the work back: a later write starts
 /// it again.
 pub(crate) struct Prepare {
+    disk: Arc<dyn Disk>,
     dir: PathBuf,
     index: u64,
     capacity: u64,
@@ -217,7 +218,12 @@ pub(crate) struct Prepare {
 impl Prepare {
     /// Writes and syncs the segment. Blocks.
     pub(crate) fn run(mut self) {
-        self.made = Some(prepare_segment(&self.dir, self.index, self.capacity));
+        self.made = Some(prepare_segment(
+            &*self.disk,
+            &self.dir,
+            self.index,
+            self.capacity,
+        ));
     }
 }
 
@@ -246,11 +252,10 @@ pub(crate) struct Checkpoint {
 
 impl Checkpoint {
     /// Flushes `db` and deletes the segments it made redundant. Blocks.
-    pub(crate) fn run(self, db: &sled::Db) {
+    pub(crate) fn run(self, db: &Db) {
         let result = db
             .flush()
-            .map_err(StoreError::from)
-            .and_then(|_| remove_segments_before(&self.dir, self.before));
+            .and_then(|_| remove_segments_before(&**db.disk(), &self.dir, self.before));
         match result {
             Ok(removed) => tracing::debug!(removed, "journal checkpoint done"),
             // The segments stay; the next checkpoint removes them.
@@ -269,27 +274,26 @@ fn segment_path(dir: &Path, index: u64) -> PathBuf {
 }
 
 /// The segments in `dir`, by index; an unknown file there is an error.
-fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+fn segments(disk: &dyn Disk, dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     let mut found = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
+    let entries = match disk.list(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
         Err(e) => return Err(io("reading", dir, e)),
     };
-    for entry in entries {
-        let entry = entry.map_err(|e| io("reading", dir, e))?;
-        let name = entry.file_name();
-        let index = name
-            .to_str()
+    for path in entries {
+        let index = path
+            .file_name()
+            .and_then(|n| n.to_str())
             .and_then(|n| n.strip_suffix(SUFFIX))
             .filter(|n| n.len() == 20)
             .and_then(|n| n.parse::<u64>().ok());
         match index {
-            Some(i) => found.push((i, entry.path())),
+            Some(i) => found.push((i, path)),
             None => {
                 return Err(StoreError::Corrupt(format!(
                     "unexpected file {} in the journal",
-                    entry.path().display()
+                    path.display()
                 )))
             }
         }
@@ -298,24 +302,23 @@ fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-fn remove_segments_before(dir: &Path, before: u64) -> Result<usize> {
+fn remove_segments_before(disk: &dyn Disk, dir: &Path, before: u64) -> Result<usize> {
     let mut removed = 0;
-    for (index, path) in segments(dir)? {
+    for (index, path) in segments(disk, dir)? {
         if index < before {
-            std::fs::remove_file(&path).map_err(|e| io("removing", &path, e))?;
+            disk.remove_file(&path)
+                .map_err(|e| io("removing", &path, e))?;
             removed += 1;
         }
     }
     if removed > 0 {
-        sync_dir(dir)?;
+        sync_dir(disk, dir)?;
     }
     Ok(removed)
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("syncing", dir, e))
+fn sync_dir(disk: &dyn Disk, dir: &Path) -> Result<()> {
+    disk.sync_dir(dir).map_err(|e| io("syncing", dir, e))
 }
 
 /// The checksum of a frame at byte `at` of its segment: its position is
@@ -351,15 +354,12 @@ fn zeros(bytes: &[u8]) -> bool {
 /// Reads one segment's deltas. `newest` says whether it is the newest
 /// file, which may be a creation cut short (a header cut short, or zeros
 /// where the header was to be).
-fn read_segment(path: &Path, newest: bool, limits: &Limits) -> Result<Segment> {
+fn read_segment(disk: &dyn Disk, path: &Path, newest: bool, limits: &Limits) -> Result<Segment> {
     let empty = Segment {
         deltas: Vec::new(),
         torn: None,
     };
-    let mut bytes = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut bytes))
-        .map_err(|e| io("reading", path, e))?;
+    let bytes = disk.read(path).map_err(|e| io("reading", path, e))?;
     let corrupt = |at: usize, what: &str| {
         StoreError::Corrupt(format!(
             "journal segment {} at byte {at}: {what}",
@@ -466,24 +466,24 @@ fn decode_payload(
 
 /// Makes segment `index`: its header, zeros up to `capacity` bytes, all
 /// synced, and its directory entry synced; positioned after the header.
-fn prepare_segment(dir: &Path, index: u64, capacity: u64) -> Result<Active> {
+fn prepare_segment(disk: &dyn Disk, dir: &Path, index: u64, capacity: u64) -> Result<Active> {
     let path = segment_path(dir, index);
-    let mut file = OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .open(&path)
+    let mut file = disk
+        .create_new(&path)
         .map_err(|e| io("creating", &path, e))?;
     let mut header = Vec::with_capacity(SEGMENT_HEADER_BYTES);
     header.extend_from_slice(MAGIC);
     header.extend_from_slice(&VERSION.to_le_bytes());
     let zeros = vec![0u8; ZERO_CHUNK_BYTES];
     let written = (|| {
-        file.write_all(&header)?;
-        let mut left = capacity.saturating_sub(SEGMENT_HEADER_BYTES as u64);
+        file.write_at(0, &header)?;
+        let mut at = SEGMENT_HEADER_BYTES as u64;
+        let mut left = capacity.saturating_sub(at);
         let mut unsynced = 0;
         while left > 0 {
             let n = left.min(ZERO_CHUNK_BYTES as u64) as usize;
-            file.write_all(&zeros[..n])?;
+            file.write_at(at, &zeros[..n])?;
+            at += n as u64;
             left -= n as u64;
             unsynced += n as u64;
             if unsynced >= ZERO_SYNC_BYTES {
@@ -491,17 +491,16 @@ fn prepare_segment(dir: &Path, index: u64, capacity: u64) -> Result<Active> {
                 unsynced = 0;
             }
         }
-        file.sync_all()?;
-        file.seek(SeekFrom::Start(SEGMENT_HEADER_BYTES as u64))
+        file.sync_all()
     })();
     if let Err(e) = written
         .map_err(|e| io("writing", &path, e))
-        .and_then(|_| sync_dir(dir))
+        .and_then(|_| sync_dir(disk, dir))
     {
         // A partly made file would only be read as an unfinished
         // creation; removing the file made here keeps the directory tidy.
         drop(file);
-        let _ = std::fs::remove_file(&path);
+        let _ = disk.remove_file(&path);
         return Err(e);
     }
     let capacity = capacity.max(SEGMENT_HEADER_BYTES as u64);
@@ -531,14 +530,14 @@ pub(crate) struct Recovered {
 /// configured ones: they were accepted and acknowledged under the limits
 /// of their day, and lowering a limit since must not make the directory
 /// unopenable (their checksums vouch for the bytes).
-pub(crate) fn recover(data_dir: &Path) -> Result<Recovered> {
+pub(crate) fn recover(disk: &dyn Disk, data_dir: &Path) -> Result<Recovered> {
     let dir = data_dir.join(DIR);
-    let found = segments(&dir)?;
+    let found = segments(disk, &dir)?;
     let count = found.len();
     let limits = widest_limits();
     let mut read = Vec::with_capacity(count);
     for (n, (_, path)) in found.iter().enumerate() {
-        read.push(read_segment(path, n + 1 == count, &limits)?);
+        read.push(read_segment(disk, path, n + 1 == count, &limits)?);
     }
     let mut frames_after = false;
     for (n, segment) in read.iter().enumerate().rev() {
@@ -586,19 +585,23 @@ impl Journal {
     /// (call it only once their deltas are flushed into sled) and opens a
     /// new one.
     pub(crate) fn start(
+        disk: Arc<dyn Disk>,
         data_dir: &Path,
         recovered: &Recovered,
         segment_bytes: u64,
     ) -> Result<Self> {
         let dir = data_dir.join(DIR);
-        std::fs::create_dir_all(&dir).map_err(|e| io("creating", &dir, e))?;
-        remove_segments_before(&dir, recovered.next_index)?;
+        disk.create_dir_all(&dir)
+            .map_err(|e| io("creating", &dir, e))?;
+        remove_segments_before(&*disk, &dir, recovered.next_index)?;
         let active = prepare_segment(
+            &*disk,
             &dir,
             recovered.next_index,
             FIRST_SEGMENT_BYTES.min(segment_bytes),
         )?;
         Ok(Journal {
+            disk,
             dir,
             segment_bytes,
             pending: Mutex::new(Pending::default()),
@@ -614,10 +617,10 @@ impl Journal {
 
     /// Removes the journal of a store that will not write one (relaxed
     /// durability), once its deltas are flushed into sled.
-    pub(crate) fn remove(data_dir: &Path) -> Result<()> {
+    pub(crate) fn remove(disk: &dyn Disk, data_dir: &Path) -> Result<()> {
         let dir = data_dir.join(DIR);
-        remove_segments_before(&dir, u64::MAX)?;
-        match std::fs::remove_dir(&dir) {
+        remove_segments_before(disk, &dir, u64::MAX)?;
+        match disk.remove_dir(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io("removing", &dir, e)),
@@ -700,6 +703,7 @@ impl Journal {
             // Should this one fail, the next try comes half a segment on.
             active.prepare_at = active.len + active.capacity / 2;
             prepare = Some(Prepare {
+                disk: self.disk.clone(),
                 dir: self.dir.clone(),
                 index: active.index + 1,
                 capacity: active.capacity.saturating_mul(2).min(self.segment_bytes),
@@ -768,7 +772,7 @@ impl Journal {
             frame.extend_from_slice(payload);
             active
                 .file
-                .write_all(&frame)
+                .write_at(active.len, &frame)
                 .and_then(|_| active.file.sync_data())
                 .map_err(|e| io("writing", &path, e))?;
             active.len += frame.len() as u64;
@@ -802,6 +806,7 @@ fn frame_cut(bytes: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::{OsDisk, OsFile};
 
     fn frame(at: usize, payload: &[u8]) -> Vec<u8> {
         let len = (payload.len() as u32).to_le_bytes();
@@ -926,7 +931,7 @@ mod tests {
 
     fn recovered_seqs(segments: &[Vec<u8>]) -> Result<Vec<u64>> {
         let data = journal_of(segments);
-        let recovered = recover(data.path())?;
+        let recovered = recover(&OsDisk, data.path())?;
         Ok(recovered.deltas.iter().map(|d| d.seq).collect())
     }
 
@@ -997,18 +1002,18 @@ mod tests {
     }
 
     #[test]
-    fn a_prepared_segment_is_zeros_after_its_header_and_positioned_there() {
+    fn a_prepared_segment_is_zeros_after_its_header_and_written_after_it() {
         let dir = tempfile::tempdir().expect("tempdir");
         // Past one sync's worth of zeros, and not a whole number of chunks.
         let size = ZERO_SYNC_BYTES as usize + 3 * ZERO_CHUNK_BYTES + 5;
-        let mut active = prepare_segment(dir.path(), 7, size as u64).expect("prepared");
+        let mut active = prepare_segment(&OsDisk, dir.path(), 7, size as u64).expect("prepared");
         let path = segment_path(dir.path(), 7);
         let bytes = std::fs::read(&path).expect("read");
         assert_eq!(bytes.len(), size);
         assert_eq!(&bytes[..8], MAGIC);
         assert!(zeros(&bytes[SEGMENT_HEADER_BYTES..]));
         assert_eq!(active.capacity, bytes.len() as u64);
-        active.file.write_all(b"x").expect("write");
+        active.file.write_at(active.len, b"x").expect("write");
         let bytes = std::fs::read(&path).expect("read");
         assert_eq!(
             bytes[SEGMENT_HEADER_BYTES], b'x',
@@ -1016,7 +1021,7 @@ mod tests {
         );
         assert_eq!(bytes.len(), size, "in place");
         assert!(
-            prepare_segment(dir.path(), 7, 4096).is_err(),
+            prepare_segment(&OsDisk, dir.path(), 7, 4096).is_err(),
             "an existing segment is never overwritten"
         );
     }
@@ -1036,8 +1041,9 @@ mod tests {
     #[test]
     fn a_failed_preparation_lets_the_segment_grow_and_is_tried_again() {
         let data = tempfile::tempdir().expect("tempdir");
-        let recovered = recover(data.path()).expect("nothing to recover");
-        let journal = Journal::start(data.path(), &recovered, MIN_SEGMENT_BYTES).expect("start");
+        let recovered = recover(&OsDisk, data.path()).expect("nothing to recover");
+        let journal = Journal::start(Arc::new(OsDisk), data.path(), &recovered, MIN_SEGMENT_BYTES)
+            .expect("start");
         // A file where the next segment goes: its preparation fails.
         let blocker = segment_path(&journal.dir, 1);
         std::fs::write(&blocker, b"not the journal's").expect("write");
@@ -1066,7 +1072,7 @@ mod tests {
         assert!(moved, "the journal moved to the next segment");
         assert_eq!(Journal::lock(&journal.active).index, 1);
         drop(journal);
-        let replayed: Vec<u64> = recover(data.path())
+        let replayed: Vec<u64> = recover(&OsDisk, data.path())
             .expect("recovers")
             .deltas
             .iter()
@@ -1082,7 +1088,7 @@ mod tests {
         let journal = store.journal_for_tests().expect("a journal");
         let mut active = Journal::lock(&journal.active);
         let path = segment_path(&journal.dir, active.index);
-        active.file = File::open(&path).expect("open read-only");
+        active.file = Box::new(OsFile(std::fs::File::open(&path).expect("open read-only")));
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -14,6 +14,9 @@
 //!   - `records`: the record primitives every commit uses (values, stream
 //!     rows, declarations, the clock's high-water mark).
 //! - [`layout`]: how the state maps onto sled trees and keys, and why.
+//! - [`disk`]: the file operations a store makes, behind a trait the
+//!   simulator implements with a disk that loses, tears and fails writes;
+//!   sled's flushes go through it too.
 //! - [`durability`]: group commit: a write is acknowledged after a flush
 //!   that concurrent writes share (`group`), or before it (`relaxed`).
 //! - [`journal`]: the append-only file group commit syncs, which sled's
@@ -43,6 +46,7 @@
 //! Mutations are serialized by one writer lock: local sequence numbers must
 //! be assigned in commit order anyway.
 
+pub mod disk;
 pub mod durability;
 mod error;
 pub mod journal;
@@ -63,6 +67,7 @@ mod sets;
 pub mod snapshot;
 mod store;
 
+pub use disk::{Disk, DiskFile, OsDisk};
 pub use durability::Durability;
 pub use error::{Result, StoreError};
 pub use local::Item;

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use concord_core::ReplicaId;
 
+use crate::disk::Db;
 use crate::durability::{Durability, GroupCommit};
 use crate::error::{Result, StoreError};
 use crate::journal::{self, Journal};
@@ -58,7 +59,7 @@ impl Store {
     /// decode.
     pub fn open(path: &Path, identity: Identity, options: StoreOptions) -> Result<Store> {
         options.validate()?;
-        let db = open_db(path, &options)?;
+        let db = Db::new(open_db(path, &options)?, options.disk.clone(), path);
         let t = Trees {
             meta: db.open_tree(trees::META)?,
             catalog: db.open_tree(trees::CATALOG)?,
@@ -120,7 +121,7 @@ impl Store {
                 }
             }
         }
-        let recovered = journal::recover(path)?;
+        let recovered = journal::recover(&*options.disk, path)?;
         let mut store = Store {
             path: path.to_path_buf(),
             db,
@@ -148,18 +149,22 @@ impl Store {
                 journaled = recovered.deltas.len(),
                 "recovered writes from the journal"
             );
-            // The replayed deltas are in sled for good before the journal
-            // is removed; the others were in sled's recovered state.
-            store.db.flush()?;
         }
+        // Everything the journal holds is in sled for good before its
+        // segments are removed: the replayed deltas, and the others, which
+        // were in sled's recovered state, perhaps only in the operating
+        // system's cache (a process crash leaves them there): a flush
+        // alone would not write them again.
+        store.db.sync_all()?;
         store.journal = match store.options.durability {
             Durability::Group => Some(Arc::new(Journal::start(
+                store.options.disk.clone(),
                 path,
                 &recovered,
                 store.options.journal_segment_bytes,
             )?)),
             Durability::Relaxed => {
-                Journal::remove(path)?;
+                Journal::remove(&*store.options.disk, path)?;
                 None
             }
         };

@@ -4,6 +4,9 @@ use serde::{Deserialize, Serialize};
 
 use concord_core::{Limits, ReplicaId};
 
+use std::sync::Arc;
+
+use crate::disk::{Disk, OsDisk};
 use crate::error::{Result, StoreError};
 use crate::journal;
 use crate::offload::Offload;
@@ -43,6 +46,9 @@ pub struct StoreOptions {
     /// the next and checkpoints: sled is flushed and the older segments
     /// deleted. At least [`crate::journal::MIN_SEGMENT_BYTES`].
     pub journal_segment_bytes: u64,
+    /// The disk the journal is written to and sled's flushes are reported
+    /// to ([`crate::disk`]): the operating system's, or the simulator's.
+    pub disk: Arc<dyn Disk>,
 }
 
 impl Default for StoreOptions {
@@ -55,6 +61,7 @@ impl Default for StoreOptions {
             max_log_bytes_per_origin: 256 << 20,
             offload: Offload::Pool,
             journal_segment_bytes: 64 << 20,
+            disk: Arc::new(OsDisk),
         }
     }
 }

@@ -34,6 +34,7 @@ use concord_core::{Catalog, Delta, Hlc, Limits, Outcome, ReplicaId, VersionVecto
 use sled::transaction::ConflictableTransactionError;
 use sled::Transactional;
 
+use crate::disk::Db;
 use crate::durability::{Durability, GroupCommit};
 use crate::error::{Result, StoreError};
 use crate::journal::Journal;
@@ -102,7 +103,7 @@ pub(crate) enum Journaling {
 /// A region's durable state.
 pub struct Store {
     pub(crate) path: PathBuf,
-    pub(crate) db: sled::Db,
+    pub(crate) db: Db,
     pub(crate) t: Trees,
     pub(crate) identity: Identity,
     pub(crate) options: StoreOptions,
@@ -314,8 +315,7 @@ impl Store {
     /// Flushes everything to disk now.
     pub fn flush(&self) -> Result<()> {
         self.drain()?;
-        self.db.flush()?;
-        Ok(())
+        self.db.flush()
     }
 
     /// Writes the journal and every queued local commit to sled now, when

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use common::*;
 use concord_core::crdt::{CounterCommand, RegisterCommand};
 use concord_core::{Clock, Command, CrdtType};
-use concord_store::{journal, Durability, Store, StoreError, StoreOptions};
+use concord_store::{journal, Disk, Durability, OsDisk, Store, StoreError, StoreOptions};
 
 /// Options that keep sled's own flush out of the way (the tests do not
 /// depend on it: dropping a store flushes sled anyway).
@@ -596,4 +596,84 @@ fn a_commit_larger_than_a_replay_chunk_is_logged_once_after_the_replay() {
     let store = open_as(&dir, 1, options());
     assert_eq!(dump(&store), expected);
     assert_logs_whole(&store);
+}
+
+/// A disk that records, in order, which segments are removed and when
+/// sled's files are synced, and otherwise is the operating system's.
+#[derive(Debug, Default)]
+struct Recording(std::sync::Mutex<Vec<String>>);
+
+impl Recording {
+    fn note(&self, what: String) {
+        self.0.lock().expect("lock").push(what);
+    }
+}
+
+impl concord_store::Disk for Recording {
+    fn create_new(&self, path: &Path) -> std::io::Result<Box<dyn concord_store::DiskFile>> {
+        OsDisk.create_new(path)
+    }
+    fn read(&self, path: &Path) -> std::io::Result<Vec<u8>> {
+        OsDisk.read(path)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+        OsDisk.list(dir)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        self.note(format!("remove {}", path.display()));
+        OsDisk.remove_file(path)
+    }
+    fn remove_dir(&self, dir: &Path) -> std::io::Result<()> {
+        OsDisk.remove_dir(dir)
+    }
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        OsDisk.create_dir_all(dir)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        OsDisk.sync_dir(dir)
+    }
+    fn sync_trees(&self, dir: &Path) -> std::io::Result<()> {
+        self.note("sync sled".into());
+        OsDisk.sync_trees(dir)
+    }
+}
+
+/// A process crash leaves sled's last writes in the operating system's
+/// cache, where reopening finds them: nothing is left to replay, and a
+/// flush of sled writes nothing. The journal's segments must not go before
+/// sled's files are synced, or a power cut after the restart loses
+/// acknowledged writes (the simulator found this).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopening_syncs_sleds_files_before_removing_segments() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_t, clock) = manual_clock();
+    let store = open_as(dir.path(), 1, options());
+    declare_all(&store, &clock);
+    let receipt = store
+        .write(
+            &clock,
+            &[write("k", Command::Counter(CounterCommand::Add(1)))],
+        )
+        .expect("write");
+    store.durable(&receipt).await.expect("durable");
+    // Dropping the store leaves everything in sled: nothing to replay.
+    drop(store);
+    let old = segments(dir.path());
+    assert!(!old.is_empty());
+    let disk = std::sync::Arc::new(Recording::default());
+    let store = open_as(
+        dir.path(),
+        1,
+        StoreOptions {
+            disk: disk.clone(),
+            ..options()
+        },
+    );
+    assert_eq!(counter_k(&store), 1);
+    let events = disk.0.lock().expect("lock").clone();
+    let synced = events.iter().position(|e| e == "sync sled");
+    let first_removal = events.iter().position(|e| e.starts_with("remove"));
+    assert!(synced.is_some(), "{events:?}");
+    assert!(first_removal.is_some(), "old segments go: {events:?}");
+    assert!(synced < first_removal, "{events:?}");
 }
