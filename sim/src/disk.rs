@@ -64,6 +64,8 @@ struct FileState {
     unsynced: Vec<Undo>,
     /// Created, and its directory not synced since.
     creation_unsynced: bool,
+    /// A sync of it failed: its unsynced writes stay in doubt.
+    sync_failed: bool,
 }
 
 /// What a power cut did, for the trace.
@@ -220,6 +222,13 @@ impl SimDisk {
         if state.fail_syncs > 0 {
             state.fail_syncs -= 1;
             state.struck = true;
+            // The kernel may have dropped the pages it could not write:
+            // no later sync makes this file's unsynced writes safe.
+            state
+                .files
+                .entry(path.to_path_buf())
+                .or_default()
+                .sync_failed = true;
             return Err(io::Error::other("sync failed (simulated I/O error)"));
         }
         if state.lying {
@@ -229,7 +238,9 @@ impl SimDisk {
         // the directory's own sync. The host's cache is enough for the
         // bytes: what counts as durable is this record.
         if let Some(f) = state.files.get_mut(path) {
-            f.unsynced.clear();
+            if !f.sync_failed {
+                f.unsynced.clear();
+            }
         }
         Ok(())
     }
@@ -257,7 +268,12 @@ impl SimDisk {
         file.seek(SeekFrom::Start(offset))?;
         file.write_all(written)?;
         if tear {
-            // What reached the disk stays there: the power is gone.
+            // The power failed here: writes reach the disk in order, so
+            // this file's earlier unsynced writes are on it, and the part
+            // of this one.
+            if let Some(f) = state.files.get_mut(path) {
+                f.unsynced.clear();
+            }
             state.dead = true;
             state.struck = true;
             return Err(dead());
@@ -348,6 +364,7 @@ impl Disk for SimDisk {
             FileState {
                 unsynced: Vec::new(),
                 creation_unsynced: true,
+                sync_failed: false,
             },
         );
         Ok(Box::new(SimFile {
@@ -409,15 +426,23 @@ impl Disk for SimDisk {
 
     fn trees_flushed(&self, dir: &Path) {
         let mut state = self.lock();
-        state
-            .flushes
-            .push(turmoil::sim_elapsed().unwrap_or_default());
-        if state.lying || state.dead {
+        if state.dead {
+            return;
+        }
+        // A flush covers every commit made before it started; a simulated
+        // store's flush starts and returns at one instant (its blocking
+        // work runs inline), so the time it returns is the time it
+        // started. The lying disk's flushes count, being what the store
+        // believed.
+        let now = turmoil::sim_elapsed().unwrap_or_default();
+        if state.lying {
+            state.flushes.push(now);
             return;
         }
         match copy_trees(dir) {
             Ok(files) => {
                 state.trees.insert(dir.to_path_buf(), files);
+                state.flushes.push(now);
             }
             // The run's directory is the simulator's own: failing to read
             // it is the simulator's failure, and would show as a lost
@@ -439,14 +464,22 @@ fn copy_trees(dir: &Path) -> io::Result<Vec<(PathBuf, Vec<u8>)>> {
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
         for entry in std::fs::read_dir(&d)? {
-            let path = entry?.path();
+            let entry = entry?;
+            let path = entry.path();
             if path == dir.join(JOURNAL_DIR) {
                 continue;
             }
-            if path.is_dir() {
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
                 todo.push(path);
-            } else if let Ok(rel) = path.strip_prefix(dir) {
-                files.push((rel.to_path_buf(), std::fs::read(&path)?));
+            } else if let (true, Ok(rel)) = (kind.is_file(), path.strip_prefix(dir)) {
+                // sled's threads may remove a file meanwhile (an old
+                // snapshot): it is then not part of the state.
+                match std::fs::read(&path) {
+                    Ok(bytes) => files.push((rel.to_path_buf(), bytes)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
     }

@@ -521,6 +521,9 @@ impl World<'_> {
     /// its power cut), crashed nodes restarted, a region still to join
     /// started.
     fn heal(&mut self) {
+        // No episode is under way any more: a power cut below must not
+        // bring one back.
+        self.episode = None;
         let all: Vec<usize> = (0..self.started.get()).collect();
         for a in &all {
             for b in &all {
@@ -689,35 +692,14 @@ impl World<'_> {
 }
 
 impl World<'_> {
-    /// The history as the checks must read it. With relaxed durability a
-    /// power cut may lose what a region acknowledged since its last flush
-    /// (a flush started after a write's answer covers it): those writes
-    /// count as of unknown outcome. In group mode nothing changes.
+    /// The history as the checks must read it
+    /// ([`check::lost_to_power_cuts`], in relaxed runs only).
     fn lost_to_power_cuts(&self, history: &[workload::Record]) -> Vec<workload::Record> {
-        let mut history = history.to_vec();
         if !self.plan.relaxed {
-            return history;
+            return history.to_vec();
         }
-        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        for (r, cuts) in self.power_cuts.iter().enumerate() {
-            let flushes = self.disks[r].flushes();
-            for cut in cuts {
-                let since = flushes
-                    .iter()
-                    .filter(|f| *f <= cut)
-                    .max()
-                    .map_or(0, |f| ms(*f));
-                for record in history.iter_mut().filter(|x| x.region == r) {
-                    let window = (since..=ms(*cut)).contains(&record.completed_ms);
-                    if window && record.acked_hlc().is_some() {
-                        record.answer = workload::Answer::Failed(
-                            "acknowledged, then lost in a power cut before a flush (relaxed)",
-                        );
-                    }
-                }
-            }
-        }
-        history
+        let flushes: Vec<Vec<Duration>> = self.disks.iter().map(SimDisk::flushes).collect();
+        check::lost_to_power_cuts(history, &self.power_cuts, &flushes)
     }
 }
 

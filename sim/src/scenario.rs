@@ -56,7 +56,8 @@ pub enum FaultKind {
     Join,
     /// A region's power cut: its node stops, and its disk loses what was
     /// not synced ([`crate::disk`]); then it restarts. Counts every power
-    /// cut, those that end a torn write or a failed disk included.
+    /// cut of the schedule, those that end a torn write or a failed disk
+    /// included (not those the heal makes for a fault that struck late).
     PowerLoss,
     /// The power failing in the middle of a journal write: a part of the
     /// write reaches the disk; the node restarts on what is there.

@@ -43,6 +43,25 @@ const PINNED: &[Pinned] = &[
         failure: "a different digest on every run: tokio::select! drew from an unseeded RNG \
                   (the build lacked --cfg tokio_unstable)",
     },
+    Pinned {
+        seed: 321,
+        regions: 3,
+        duration_s: 10,
+        faults: &FaultKind::ALL,
+        failure: "a region did not reopen after a power cut: 'the journal holds delta 30 of \
+                  replica 3, but the store's next is 11': an earlier reopening removed journal \
+                  segments without syncing sled's files, which a process crash had left in the \
+                  kernel's cache only",
+    },
+    Pinned {
+        seed: 332,
+        regions: 3,
+        duration_s: 10,
+        faults: &FaultKind::ALL,
+        failure: "a region answered a write with an HLC below one it had answered before a \
+                  power cut: that one was a remove of an absent member, stamped with an HLC \
+                  that was durable nowhere",
+    },
 ];
 
 fn options(regions: usize, duration_s: u64, faults: &[FaultKind]) -> Options {

@@ -135,7 +135,8 @@ impl TryFrom<pb::KeyspaceInfo> for KeyspaceInfo {
 /// Acknowledgement of a write: durable in the region that took it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriteAck {
-    /// HLC the region stamped on the write.
+    /// HLC the region stamped on the write; 0 when the write changed
+    /// nothing (`seq` 0).
     pub hlc: u64,
     /// The write's position in the region's log; 0 when it changed nothing.
     pub seq: u64,

@@ -104,7 +104,7 @@ impl Node {
         };
         let store = offload
             .run(move || {
-                std::fs::create_dir_all(&dir).map_err(|e| {
+                options.disk.create_dir_all(&dir).map_err(|e| {
                     NodeError::Serve(format!(
                         "cannot create the data directory {}: {e}",
                         dir.display()

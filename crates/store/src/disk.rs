@@ -20,7 +20,7 @@
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,7 +79,14 @@ pub struct OsDisk;
 pub struct OsFile(pub File);
 
 impl DiskFile for OsFile {
+    #[cfg(unix)]
     fn write_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.0, bytes, offset)
+    }
+
+    #[cfg(not(unix))]
+    fn write_at(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        use std::io::{Seek, SeekFrom, Write};
         self.0.seek(SeekFrom::Start(offset))?;
         self.0.write_all(bytes)
     }
@@ -130,14 +137,24 @@ impl Disk for OsDisk {
         let mut dirs = vec![dir.to_path_buf()];
         while let Some(d) = dirs.pop() {
             for entry in std::fs::read_dir(&d)? {
-                let path = entry?.path();
+                let entry = entry?;
+                let path = entry.path();
                 if path == journal {
                     continue;
                 }
-                if path.is_dir() {
-                    dirs.push(path);
-                } else {
-                    File::open(&path)?.sync_all()?;
+                // sled's threads may remove a file meanwhile (an old
+                // snapshot): then there is nothing of it to sync.
+                let synced = match entry.file_type()? {
+                    t if t.is_dir() => {
+                        dirs.push(path);
+                        Ok(())
+                    }
+                    t if t.is_file() => File::open(&path).and_then(|f| f.sync_all()),
+                    _ => Ok(()),
+                };
+                match synced {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
                 }
             }
             File::open(&d)?.sync_all()?;

@@ -465,7 +465,7 @@ fn decode_payload(
 }
 
 /// Makes segment `index`: its header, zeros up to `capacity` bytes, all
-/// synced, and its directory entry synced; positioned after the header.
+/// synced, and its directory entry synced; frames go after the header.
 fn prepare_segment(disk: &dyn Disk, dir: &Path, index: u64, capacity: u64) -> Result<Active> {
     let path = segment_path(dir, index);
     let mut file = disk
@@ -593,6 +593,9 @@ impl Journal {
         let dir = data_dir.join(DIR);
         disk.create_dir_all(&dir)
             .map_err(|e| io("creating", &dir, e))?;
+        // The journal's own entry in the data directory, made on the first
+        // open, must be durable before anything in it counts.
+        sync_dir(&*disk, data_dir)?;
         remove_segments_before(&*disk, &dir, recovered.next_index)?;
         let active = prepare_segment(
             &*disk,

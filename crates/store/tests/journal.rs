@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use common::*;
 use concord_core::crdt::{CounterCommand, RegisterCommand};
 use concord_core::{Clock, Command, CrdtType};
-use concord_store::{journal, Disk, Durability, OsDisk, Store, StoreError, StoreOptions};
+use concord_store::{journal, Durability, OsDisk, Store, StoreError, StoreOptions};
 
 /// Options that keep sled's own flush out of the way (the tests do not
 /// depend on it: dropping a store flushes sled anyway).
