@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use concord_store::{Disk, DiskFile};
+use concord_store::{Disk, DiskFile, OsDisk};
 
 /// The directory inside a data directory that holds the journal (the rest
 /// is sled's).
@@ -374,31 +374,31 @@ impl Disk for SimDisk {
         }))
     }
 
+    // Reads, listings and directories are the host's: only what a power
+    // cut takes differs.
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        std::fs::read(path)
+        OsDisk.read(path)
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
-        std::fs::read_dir(dir)?
-            .map(|e| e.map(|e| e.path()))
-            .collect()
+        OsDisk.list(dir)
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         if self.lock().dead {
             return Err(dead());
         }
-        std::fs::remove_file(path)?;
+        OsDisk.remove_file(path)?;
         self.lock().files.remove(path);
         Ok(())
     }
 
     fn remove_dir(&self, dir: &Path) -> io::Result<()> {
-        std::fs::remove_dir(dir)
+        OsDisk.remove_dir(dir)
     }
 
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(dir)
+        OsDisk.create_dir_all(dir)
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
