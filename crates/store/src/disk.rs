@@ -203,6 +203,16 @@ impl Db {
     pub(crate) fn disk(&self) -> &Arc<dyn Disk> {
         &self.disk
     }
+
+    /// Waits, in the caller's clock (the simulator's), for the time a
+    /// slow disk's sync takes ([`Disk::sync_delay`]); at once on a real
+    /// disk.
+    pub(crate) async fn slow_disk(&self) {
+        let delay = self.disk.sync_delay();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+    }
 }
 
 impl std::ops::Deref for Db {

@@ -257,12 +257,8 @@ impl GroupCommit {
     ) -> Result<()> {
         self.lead_or_follow(n, || async {
             journal.check()?;
-            // A slow disk's sync, in the caller's clock (the simulator's);
-            // commits that arrive meanwhile join this write.
-            let delay = db.disk().sync_delay();
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
+            // Commits that arrive meanwhile join this write.
+            db.slow_disk().await;
             let (group, writing, queue, db) =
                 (self.clone(), journal.clone(), pipeline.clone(), db.clone());
             offload
@@ -289,13 +285,10 @@ impl GroupCommit {
                 tokio::time::sleep_until(due).await;
             }
             *lock(&self.sled_flushed_at) = Some(tokio::time::Instant::now());
+            db.slow_disk().await;
             // Every commit numbered so far is in sled's memory: the flush
             // below covers them all.
             let through = self.last_committed();
-            let delay = db.disk().sync_delay();
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
             let flushing = db.clone();
             offload.run(move || flushing.flush()).await??;
             self.flushes.fetch_add(1, Ordering::Relaxed);
