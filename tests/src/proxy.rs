@@ -1,6 +1,8 @@
-//! A TCP proxy between two regions that a test can cut and heal: cutting
-//! drops every connection through it and refuses new ones, as a network
-//! partition of that one link would.
+//! A TCP proxy between two regions that a test can cut, stall and heal:
+//! cutting drops every connection through it and refuses new ones, as a
+//! partition that resets connections would; stalling keeps every
+//! connection open and accepts new ones but forwards nothing, as a
+//! firewall dropping packets would (nothing tells either end).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,6 +16,7 @@ pub struct Proxy {
     /// The address to dial instead of the target.
     pub addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    stalled: watch::Sender<bool>,
     generation: watch::Sender<u64>,
     next: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
@@ -27,9 +30,11 @@ impl Proxy {
         let cut = Arc::new(AtomicBool::new(false));
         let generation = watch::Sender::new(0u64);
         let next = Arc::new(AtomicU64::new(0));
+        let stalled = watch::Sender::new(false);
         let task = {
             let cut = cut.clone();
             let generation = generation.clone();
+            let stalled = stalled.clone();
             tokio::spawn(async move {
                 loop {
                     let Ok((inbound, _)) = listener.accept().await else {
@@ -40,15 +45,27 @@ impl Proxy {
                         continue;
                     }
                     let mut cuts = generation.subscribe();
+                    let mut stall = stalled.subscribe();
                     tokio::spawn(async move {
-                        let Ok(outbound) = TcpStream::connect(target).await else {
+                        let mut a = inbound;
+                        // A connection made while stalled waits, unanswered.
+                        tokio::select! {
+                            _ = stall.wait_for(|s| !*s) => {}
+                            _ = cuts.changed() => return,
+                        }
+                        let Ok(mut b) = TcpStream::connect(target).await else {
                             return;
                         };
-                        let (mut a, mut b) = (inbound, outbound);
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
-                            _ = cuts.changed() => {}
+                            _ = tokio::io::copy_bidirectional(&mut a, &mut b) => return,
+                            _ = stall.wait_for(|s| *s) => {}
+                            _ = cuts.changed() => return,
                         }
+                        // Stalled: bytes in flight are gone, as on a wire
+                        // that drops packets; the connection stays open,
+                        // silent, until it is cut or the proxy stops.
+                        let _ = cuts.changed().await;
+                        drop((a, b));
                     });
                 }
             })
@@ -56,6 +73,7 @@ impl Proxy {
         Proxy {
             addr,
             cut,
+            stalled,
             generation,
             next,
             task,
@@ -69,9 +87,17 @@ impl Proxy {
         self.generation.send_replace(n);
     }
 
-    /// Lets connections through again.
+    /// Stops forwarding bytes, keeping every connection open: neither end
+    /// hears of it. Connections stalled stay silent for good; new ones
+    /// wait, unanswered, until the proxy heals.
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// Lets connections through again (after a cut or a stall).
     pub fn heal(&self) {
         self.cut.store(false, Ordering::SeqCst);
+        self.stalled.send_replace(false);
     }
 }
 

@@ -65,8 +65,16 @@ enum Command {
     /// Streams: append, read, follow and trim.
     #[command(subcommand)]
     Stream(StreamCmd),
-    /// The region's status: identity, clock, applied vector, peers.
-    Status,
+    /// The region's status: identity, clock, applied vector, and per peer
+    /// its state, last contact, lag both ways and why a link is down.
+    Status {
+        /// Redraw the status every `--interval-ms` until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// How often `--watch` redraws, in milliseconds.
+        #[arg(long, default_value_t = 1_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+        interval_ms: u64,
+    },
     /// Ask the region's gRPC health service whether it is serving; exits
     /// with 0 if it is and 1 if not (for container and orchestrator
     /// health checks).
@@ -348,7 +356,30 @@ async fn command(
         Command::Stream(StreamCmd::Trim { at, before }) => {
             out.write(client.stream(&at.keyspace).trim(&at.key, before).await?)
         }
-        Command::Status => out.status(&client.status().await?),
+        Command::Status { watch: false, .. } => out.status(&client.status().await?),
+        Command::Status {
+            watch: true,
+            interval_ms,
+        } => {
+            use std::io::IsTerminal;
+            let terminal = std::io::stdout().is_terminal();
+            let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+                let status = client.status().await?;
+                if terminal {
+                    // Home the cursor and clear the screen: a redraw.
+                    print!("\x1b[H\x1b[2J");
+                }
+                out.status(&status);
+                if !terminal {
+                    println!();
+                }
+            }
+        }
         Command::Dev(_) | Command::Health { .. } => {
             return Err(concord_client::Error::InvalidArgument(
                 "this command is not a call on a region's data".into(),

@@ -1,7 +1,7 @@
 //! What the commands print: text for people, or JSON (one document per
 //! command; one object per line for `stream tail`).
 
-use concord_client::proto::{DurabilityMode, StatusResponse};
+use concord_client::proto::{DurabilityMode, LinkDownCause, PeerState, StatusResponse};
 use concord_client::{Entry, Health, KeyspaceInfo, RegisterValue, StreamId, WriteAck};
 use serde_json::{json, Value};
 
@@ -235,6 +235,13 @@ impl Out {
                     "refused_clock_drift": p.refused_clock_drift,
                     "refused_bad_batch": p.refused_bad_batch,
                     "refused_unknown_peer": p.refused_unknown_peer,
+                    "last_contact_age_ms": p.last_contact_age_ms,
+                    "peer_lacks_ops": p.peer_lacks_ops,
+                    "peer_lacks_ms": p.peer_lacks_ms,
+                    "state": state_name(p.state()),
+                    "down_cause": cause_name(p.down_cause()),
+                    "down_reason": p.down_reason,
+                    "down_for_ms": p.down_for_ms,
                 })
             })
             .collect();
@@ -270,28 +277,97 @@ impl Out {
                 format!("conflicts:  {}", s.keyspace_conflicts),
             ];
             if !s.peers.is_empty() {
+                lines.push(String::new());
                 lines.push(format!(
-                    "{:<16} {:<28} {:<10} {:>8} {:>8} {:>9}",
-                    "PEER", "ADDRESS", "CONNECTED", "LAG_OPS", "LAG_MS", "SKEW_MS"
+                    "{:<16} {:<12} {:>12} {:>11} {:>10} {:>13} {:>12} {:>8}",
+                    "PEER",
+                    "STATE",
+                    "LAST_CONTACT",
+                    "TO_PEER_OPS",
+                    "TO_PEER_MS",
+                    "FROM_PEER_OPS",
+                    "FROM_PEER_MS",
+                    "SKEW_MS"
                 ));
                 for p in &s.peers {
+                    let contact = if p.last_contact_unix_ms == 0 {
+                        "never".to_string()
+                    } else {
+                        format!("{} ago", age(p.last_contact_age_ms))
+                    };
                     lines.push(format!(
-                        "{:<16} {:<28} {:<10} {:>8} {:>8} {:>9}{}",
+                        "{:<16} {:<12} {:>12} {:>11} {:>10} {:>13} {:>12} {:>8}",
                         p.region,
-                        p.address,
-                        if p.connected { "yes" } else { "no" },
+                        state_name(p.state()).replace('_', " "),
+                        contact,
+                        p.peer_lacks_ops,
+                        p.peer_lacks_ms,
                         p.lag_ops,
                         p.lag_ms,
                         p.clock_skew_ms,
-                        if p.clock_refused {
-                            "  (clock refused)"
-                        } else {
-                            ""
-                        }
                     ));
+                    if p.state() == PeerState::Down {
+                        let since = if p.down_for_ms > 0 {
+                            format!(" for {}", age(p.down_for_ms))
+                        } else {
+                            String::new()
+                        };
+                        lines.push(format!(
+                            "  {} down{since} ({}): {}",
+                            p.region,
+                            cause_name(p.down_cause()).replace('_', " "),
+                            p.down_reason
+                        ));
+                    }
+                    if p.clock_refused {
+                        lines.push(format!(
+                            "  {}: its clock is refused (beyond max_drift_ms)",
+                            p.region
+                        ));
+                    }
                 }
+                lines.push(
+                    "TO_PEER: held here, not known to be at the peer; \
+                     FROM_PEER: reported by the peer, not applied here."
+                        .into(),
+                );
             }
             lines.join("\n")
         });
+    }
+}
+
+/// A peer state's name, as JSON shows it.
+fn state_name(state: PeerState) -> &'static str {
+    match state {
+        PeerState::InSync => "in_sync",
+        PeerState::CatchingUp => "catching_up",
+        PeerState::Snapshot => "snapshot",
+        PeerState::Down => "down",
+        PeerState::Unspecified => "unknown",
+    }
+}
+
+/// A link-down cause's name, as JSON shows it.
+fn cause_name(cause: LinkDownCause) -> &'static str {
+    match cause {
+        LinkDownCause::Unspecified => "not_dialled",
+        LinkDownCause::Unreachable => "unreachable",
+        LinkDownCause::Refused => "refused",
+        LinkDownCause::Silent => "silent",
+        LinkDownCause::ClockRefused => "clock_refused",
+        LinkDownCause::PeerFault => "peer_fault",
+        LinkDownCause::Ended => "ended",
+        LinkDownCause::LocalFailure => "local_failure",
+    }
+}
+
+/// Milliseconds as a short age: "850 ms", "12.3 s", "4 min", "2 h".
+fn age(ms: u64) -> String {
+    match ms {
+        0..=999 => format!("{ms} ms"),
+        1_000..=59_999 => format!("{:.1} s", ms as f64 / 1000.0),
+        60_000..=5_999_999 => format!("{} min", ms / 60_000),
+        _ => format!("{} h", ms / 3_600_000),
     }
 }

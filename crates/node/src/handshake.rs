@@ -127,6 +127,21 @@ impl LinkError {
         }
     }
 
+    /// The cause a peer's status shows while the link is down after it.
+    pub fn down_cause(&self) -> pb::LinkDownCause {
+        match self {
+            LinkError::Unreachable { .. } | LinkError::NoAnswer { .. } => {
+                pb::LinkDownCause::Unreachable
+            }
+            LinkError::Status { .. } => pb::LinkDownCause::Refused,
+            LinkError::Silent { .. } => pb::LinkDownCause::Silent,
+            LinkError::Ended | LinkError::Closed => pb::LinkDownCause::Ended,
+            LinkError::Clock(_) => pb::LinkDownCause::ClockRefused,
+            LinkError::Peer(_) => pb::LinkDownCause::PeerFault,
+            LinkError::Local(_) => pb::LinkDownCause::LocalFailure,
+        }
+    }
+
     /// True when the peer is at fault.
     pub fn is_peer_fault(&self) -> bool {
         matches!(self, LinkError::Peer(_) | LinkError::Clock(_))
@@ -262,7 +277,12 @@ pub(crate) fn check_hello(
 ) -> Result<usize, LinkError> {
     let Some(index) = peers.find(&hello.region, hello.replica_id) else {
         peers.refused_unknown(Refusal::UnknownPeer);
-        tracing::warn!(region = %hello.region, replica_id = hello.replica_id, "refused a subscription from an unknown region");
+        let caller = format!("{}/{}", hello.region, hello.replica_id);
+        if peers.warn_now(&caller, "unknown") {
+            tracing::warn!(region = %hello.region, replica_id = hello.replica_id, "refused a subscription from an unknown region (said again at most once a minute)");
+        } else {
+            tracing::debug!(region = %hello.region, replica_id = hello.replica_id, "refused a subscription from an unknown region");
+        }
         return Err(LinkError::Peer(PeerFault::Unknown {
             claimed: format!(
                 "region {:?} with replica id {}",

@@ -102,15 +102,16 @@ impl Link {
                 _ = stop.wait_for(|stop| *stop) => return,
                 ended = self.session(&mut announced) => ended,
             };
-            self.peers.set_connected(self.index, false);
-            if started.elapsed() > BACKOFF_MAX {
-                backoff = BACKOFF_MIN;
-            }
             let failure = match ended {
                 Ok(()) => LinkError::Ended,
                 Err(e) => e,
+            };
+            let now_ms = self.engine.clock().physical_unix_ms();
+            self.peers.link_down(self.index, &failure, now_ms);
+            if started.elapsed() > BACKOFF_MAX {
+                backoff = BACKOFF_MIN;
             }
-            .to_string();
+            let failure = failure.to_string();
             // Say it once; repeats of the same failure go to debug.
             if last_failure.as_deref() != Some(failure.as_str()) {
                 announced = false;
@@ -131,7 +132,7 @@ impl Link {
     /// One connection: the opening, then frames until the stream ends.
     async fn session(&self, announced: &mut bool) -> Result<(), LinkError> {
         let opened = self.open().await?;
-        self.peers.set_connected(self.index, true);
+        self.peers.link_up(self.index);
         if !*announced {
             tracing::info!(peer = %self.peers.config(self.index).region, "peer link up");
             *announced = true;
@@ -196,6 +197,8 @@ impl Link {
         if let Some(theirs) = &welcome.applied {
             known.extend(theirs.seqs.keys());
         }
+        let holds: VersionVector = welcome.applied.clone().unwrap_or_default().into();
+        self.peers.peer_holds(self.index, &holds, true);
         Ok(Opened {
             tx,
             frames,
@@ -253,12 +256,8 @@ impl Link {
                     continue;
                 }
                 _ = reachability.changed() => continue,
-                () = tokio::time::sleep_until(silent_until) => {
-                    return Err(LinkError::Silent {
-                        silent_s: SILENCE_TIMEOUT.as_secs(),
-                        heartbeat_s: HEARTBEAT.as_secs(),
-                    });
-                }
+                // Before the silence: after a long apply, a frame that
+                // arrived meanwhile is read, not taken for silence.
                 frame = frames.message() => {
                     last_frame = tokio::time::Instant::now();
                     let frame = frame.map_err(|s| self.stream_failed(&s))?;
@@ -266,6 +265,12 @@ impl Link {
                         self.observe(frame.sender_hlc)?;
                     }
                     frame
+                }
+                () = tokio::time::sleep_until(silent_until) => {
+                    return Err(LinkError::Silent {
+                        silent_s: SILENCE_TIMEOUT.as_secs(),
+                        heartbeat_s: HEARTBEAT.as_secs(),
+                    });
                 }
                 },
             };
@@ -411,8 +416,10 @@ impl Link {
         origins.into_iter().collect()
     }
 
-    /// Observes a peer frame's clock ([`observe_clock`]).
+    /// Observes a peer frame's clock ([`observe_clock`]) and records that
+    /// a frame arrived.
     fn observe(&self, sender_hlc: u64) -> Result<(), LinkError> {
+        self.peers.link_frame(self.index);
         observe_clock(&self.engine, &self.peers, self.index, sender_hlc)
     }
 }

@@ -9,7 +9,11 @@
 //! | `concord_peer_refusals_total` | counter | `cause` |
 //! | `concord_peer_deltas_sent_total`, `concord_peer_bytes_sent_total` | counter | `peer` |
 //! | `concord_peer_deltas_received_total`, `concord_peer_bytes_received_total` | counter | `peer` |
-//! | `concord_peer_lag_ops` | gauge | `peer` |
+//! | `concord_peer_connected` | gauge (0 or 1) | `peer` |
+//! | `concord_peer_state` | gauge (1 for the current state) | `peer`, `state` (`in_sync`, `catching_up`, `snapshot`, `down`) |
+//! | `concord_peer_lag_ops`, `concord_peer_lag_seconds` | gauge | `peer`, `direction` (`from_peer`, `to_peer`) |
+//! | `concord_peer_last_contact_age_seconds`, `concord_peer_clock_skew_seconds` | gauge | `peer` |
+//! | `concord_peer_link_failures_total` | counter | `peer`, `cause` |
 //! | `concord_replication_delay_seconds` | histogram | `peer` |
 //! | `concord_applied_seq` | gauge | `origin` |
 //! | `concord_log_entries`, `concord_log_bytes` | gauge | `origin` |
@@ -25,6 +29,7 @@ use std::time::{Duration, Instant};
 use tonic::Status;
 
 use crate::engine::Engine;
+use crate::peer::Peers;
 
 /// How often the store's gauges are refreshed.
 pub const GAUGE_REFRESH: Duration = Duration::from_secs(1);
@@ -53,8 +58,9 @@ pub async fn observe_rpc<T>(
     result
 }
 
-/// Refreshes the store's gauges every [`GAUGE_REFRESH`] until `stop`.
-pub async fn refresh_gauges(engine: Engine, stop: impl Future<Output = ()>) {
+/// Refreshes the store's and the peers' gauges every [`GAUGE_REFRESH`]
+/// until `stop`.
+pub async fn refresh_gauges(engine: Engine, peers: Peers, stop: impl Future<Output = ()>) {
     let mut tick = tokio::time::interval(GAUGE_REFRESH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(stop);
@@ -63,6 +69,10 @@ pub async fn refresh_gauges(engine: Engine, stop: impl Future<Output = ()>) {
             biased;
             () = &mut stop => return,
             _ = tick.tick() => {}
+        }
+        match peers.status(&engine) {
+            Ok(statuses) => Peers::export(&statuses),
+            Err(e) => tracing::warn!(error = %e, "could not read the peers' status"),
         }
         let store = engine.store().clone();
         let read = store

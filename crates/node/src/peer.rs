@@ -10,12 +10,14 @@
 //! stream with a clear status. An accepted one is answered with `Welcome`,
 //! and `replicate::Provider` streams the deltas.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use concord_core::Hlc;
+use concord_core::{Hlc, VersionVector};
 use concord_proto::v1 as pb;
 use concord_proto::v1::replication_server::Replication;
+use concord_store::Store;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -24,13 +26,23 @@ use crate::config::PeerConfig;
 use crate::engine::Engine;
 use crate::error::NodeError;
 use crate::handshake::{check_hello, observe_clock, welcome, LinkError, PeerFault};
-use crate::replicate::{origins, Provider};
+use crate::replicate::{origins, Provider, SILENCE_TIMEOUT};
 
 /// Longest wait for a subscriber's `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Frames queued towards one subscriber.
 pub const PROVIDER_QUEUE_FRAMES: usize = 64;
+
+/// Longest wait between two warnings about refusing the same caller for
+/// the same cause: a refused peer dials again every second, and one line a
+/// minute says as much as sixty (the rest go to debug, and every refusal
+/// is counted).
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How far behind (in milliseconds) either side may be for a connected
+/// peer to show as in sync rather than catching up.
+pub const IN_SYNC_MS: u64 = 1_000;
 
 /// The configured peer regions and what this node knows of each.
 #[derive(Debug, Clone, Default)]
@@ -39,12 +51,31 @@ pub struct Peers {
     unknown_refused: Arc<std::sync::atomic::AtomicU64>,
     /// Bumped whenever a peer link goes up or down.
     reachability: Arc<tokio::sync::watch::Sender<u64>>,
+    /// When a refusal was last logged as a warning, per caller and cause.
+    warned: Arc<Mutex<HashMap<String, tokio::time::Instant>>>,
 }
 
 #[derive(Debug)]
 struct Peer {
     config: PeerConfig,
-    status: Mutex<pb::PeerStatus>,
+    state: Mutex<Tracked>,
+}
+
+/// What is known of one peer: the counters shown as they are, and what
+/// the rest of its status is worked out from when it is read.
+#[derive(Debug, Default)]
+struct Tracked {
+    status: pb::PeerStatus,
+    /// Whether this node's stream from the peer is open.
+    up: bool,
+    /// When the last frame arrived on it.
+    last_frame: Option<tokio::time::Instant>,
+    /// What the peer holds, as far as this node knows.
+    known: VersionVector,
+    /// Why the link went down, in words, and when (unix ms).
+    down: Option<(pb::LinkDownCause, String, i64)>,
+    /// Snapshot transfers under way with the peer, either way.
+    snapshots: u32,
 }
 
 /// Why a subscription's opening was refused.
@@ -68,6 +99,20 @@ impl Refusal {
     }
 }
 
+/// A snapshot transfer with a peer, shown in its status while this lives.
+#[derive(Debug)]
+pub(crate) struct SnapshotUnderWay {
+    peers: Peers,
+    index: usize,
+}
+
+impl Drop for SnapshotUnderWay {
+    fn drop(&mut self) {
+        let mut state = self.peers.lock(self.index);
+        state.snapshots = state.snapshots.saturating_sub(1);
+    }
+}
+
 impl Peers {
     /// The peers of a configuration, none of them connected yet.
     pub fn new(configs: &[PeerConfig]) -> Self {
@@ -75,11 +120,14 @@ impl Peers {
             .iter()
             .map(|c| Peer {
                 config: c.clone(),
-                status: Mutex::new(pb::PeerStatus {
-                    region: c.region.clone(),
-                    replica_id: c.replica_id,
-                    address: c.endpoint.clone(),
-                    ..pb::PeerStatus::default()
+                state: Mutex::new(Tracked {
+                    status: pb::PeerStatus {
+                        region: c.region.clone(),
+                        replica_id: c.replica_id,
+                        address: c.endpoint.clone(),
+                        ..pb::PeerStatus::default()
+                    },
+                    ..Tracked::default()
                 }),
             })
             .collect();
@@ -88,12 +136,116 @@ impl Peers {
             peers: Arc::new(peers),
             unknown_refused: Arc::default(),
             reachability: Arc::new(tokio::sync::watch::Sender::new(0)),
+            warned: Arc::default(),
         }
     }
 
-    /// The status of every peer, sorted by region name.
-    pub fn status(&self) -> Vec<pb::PeerStatus> {
-        self.peers.iter().map(|p| lock(&p.status).clone()).collect()
+    fn lock(&self, i: usize) -> std::sync::MutexGuard<'_, Tracked> {
+        lock(&self.peers[i].state)
+    }
+
+    /// The status of every peer, sorted by region name, worked out now:
+    /// whether frames still arrive, the lag both ways, the sync state and
+    /// why a link is down.
+    pub fn status(&self, engine: &Engine) -> Result<Vec<pb::PeerStatus>, NodeError> {
+        let store = engine.store();
+        let ours = store.version_vector()?;
+        let now_ms = engine.clock().physical_unix_ms();
+        let mut out = Vec::with_capacity(self.peers.len());
+        for i in 0..self.peers.len() {
+            let (mut status, known, silent, down, snapshots) = {
+                let state = self.lock(i);
+                let silent = state.last_frame.map(|at| at.elapsed());
+                (
+                    state.status.clone(),
+                    state.known.clone(),
+                    silent.filter(|_| state.up),
+                    (!state.up).then(|| state.down.clone()),
+                    state.snapshots,
+                )
+            };
+            status.last_contact_age_ms = match status.last_contact_unix_ms {
+                0 => 0,
+                at => u64::try_from(now_ms.saturating_sub_unsigned(at)).unwrap_or(0),
+            };
+            status.peer_lacks_ops = known.missing_from(&ours);
+            status.peer_lacks_ms = oldest_lacking(store, &ours, &known)
+                .map(|wall| u64::try_from(now_ms.saturating_sub(wall)).unwrap_or(0))
+                .unwrap_or(0);
+            match (down, silent) {
+                // Up, and frames arrive.
+                (None, Some(quiet)) if quiet < SILENCE_TIMEOUT => {
+                    status.connected = true;
+                    let behind = status.lag_ms.max(status.peer_lacks_ms);
+                    status.set_state(if snapshots > 0 {
+                        pb::PeerState::Snapshot
+                    } else if behind >= IN_SYNC_MS {
+                        pb::PeerState::CatchingUp
+                    } else {
+                        pb::PeerState::InSync
+                    });
+                }
+                // Up, but silent: the link is about to give the stream up.
+                (None, quiet) => {
+                    let quiet = quiet.unwrap_or_default();
+                    status.connected = false;
+                    status.set_state(pb::PeerState::Down);
+                    status.set_down_cause(pb::LinkDownCause::Silent);
+                    status.down_reason =
+                        format!("nothing from the peer for {} ms", quiet.as_millis());
+                    status.down_for_ms = quiet.as_millis() as u64;
+                }
+                (Some(down), _) => {
+                    status.connected = false;
+                    status.set_state(pb::PeerState::Down);
+                    match down {
+                        Some((cause, reason, since)) => {
+                            status.set_down_cause(cause);
+                            status.down_reason = reason;
+                            status.down_for_ms =
+                                u64::try_from(now_ms.saturating_sub(since)).unwrap_or(0);
+                        }
+                        None => status.down_reason = "not connected yet".into(),
+                    }
+                }
+            }
+            out.push(status);
+        }
+        Ok(out)
+    }
+
+    /// Publishes the status of every peer as metrics.
+    pub(crate) fn export(statuses: &[pb::PeerStatus]) {
+        const STATES: [(pb::PeerState, &str); 4] = [
+            (pb::PeerState::InSync, "in_sync"),
+            (pb::PeerState::CatchingUp, "catching_up"),
+            (pb::PeerState::Snapshot, "snapshot"),
+            (pb::PeerState::Down, "down"),
+        ];
+        for s in statuses {
+            let peer = s.region.clone();
+            metrics::gauge!("concord_peer_connected", "peer" => peer.clone()).set(if s.connected {
+                1.0
+            } else {
+                0.0
+            });
+            for (state, label) in STATES {
+                metrics::gauge!("concord_peer_state", "peer" => peer.clone(), "state" => label)
+                    .set(if s.state() == state { 1.0 } else { 0.0 });
+            }
+            metrics::gauge!("concord_peer_lag_ops", "peer" => peer.clone(), "direction" => "from_peer")
+                .set(s.lag_ops as f64);
+            metrics::gauge!("concord_peer_lag_ops", "peer" => peer.clone(), "direction" => "to_peer")
+                .set(s.peer_lacks_ops as f64);
+            metrics::gauge!("concord_peer_lag_seconds", "peer" => peer.clone(), "direction" => "from_peer")
+                .set(s.lag_ms as f64 / 1000.0);
+            metrics::gauge!("concord_peer_lag_seconds", "peer" => peer.clone(), "direction" => "to_peer")
+                .set(s.peer_lacks_ms as f64 / 1000.0);
+            metrics::gauge!("concord_peer_last_contact_age_seconds", "peer" => peer.clone())
+                .set(s.last_contact_age_ms as f64 / 1000.0);
+            metrics::gauge!("concord_peer_clock_skew_seconds", "peer" => peer)
+                .set(s.clock_skew_ms as f64 / 1000.0);
+        }
     }
 
     /// Number of configured peers.
@@ -113,18 +265,50 @@ impl Peers {
 
     /// Records a message from peer `i` carrying the peer's clock `remote`.
     pub(crate) fn contact(&self, i: usize, remote: Hlc, local_ms: i64) {
-        self.peers[i].contact(remote, local_ms);
+        let mut state = self.lock(i);
+        state.status.last_contact_unix_ms = u64::try_from(local_ms).unwrap_or(0);
+        state.status.clock_skew_ms = remote.unix_ms().saturating_sub(local_ms);
     }
 
-    /// Records whether a replication stream with peer `i` is open.
-    pub(crate) fn set_connected(&self, i: usize, connected: bool) {
-        let changed = {
-            let mut status = lock(&self.peers[i].status);
-            let changed = status.connected != connected;
-            status.connected = connected;
-            changed
+    /// Records a frame arriving on this node's stream from peer `i`.
+    pub(crate) fn link_frame(&self, i: usize) {
+        self.lock(i).last_frame = Some(tokio::time::Instant::now());
+    }
+
+    /// Records that this node's stream from peer `i` opened.
+    pub(crate) fn link_up(&self, i: usize) {
+        {
+            let mut state = self.lock(i);
+            state.up = true;
+            state.last_frame = Some(tokio::time::Instant::now());
+            state.down = None;
+        }
+        self.reachability.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Records that this node's stream from peer `i` failed with `error`
+    /// (at `now_ms`), counted by cause.
+    pub(crate) fn link_down(&self, i: usize, error: &LinkError, now_ms: i64) {
+        let cause = error.down_cause();
+        let was_up = {
+            let mut state = self.lock(i);
+            let was_up = state.up;
+            state.up = false;
+            // A link that keeps failing the same way stays down since its
+            // first failure; a silent one since its last frame.
+            let since = match (&state.down, error) {
+                (Some((c, _, since)), _) if *c == cause => *since,
+                (_, LinkError::Silent { silent_s, .. }) => {
+                    now_ms.saturating_sub(i64::try_from(*silent_s).unwrap_or(0) * 1000)
+                }
+                _ => now_ms,
+            };
+            state.down = Some((cause, error.to_string(), since));
+            was_up
         };
-        if changed {
+        metrics::counter!("concord_peer_link_failures_total", "peer" => self.peers[i].config.region.clone(), "cause" => cause_label(cause))
+            .increment(1);
+        if was_up {
             self.reachability.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
@@ -137,24 +321,45 @@ impl Peers {
     /// Replica ids of the peers, other than peer `except`, whose links are
     /// up: their deltas arrive from them directly.
     pub(crate) fn reached_directly(&self, except: usize) -> Vec<u32> {
-        self.peers
-            .iter()
-            .enumerate()
-            .filter(|(j, p)| *j != except && lock(&p.status).connected)
-            .map(|(_, p)| p.config.replica_id)
+        (0..self.peers.len())
+            .filter(|&j| j != except && self.lock(j).up)
+            .map(|j| self.peers[j].config.replica_id)
             .collect()
+    }
+
+    /// Records what peer `i` said it holds: a session's opening replaces
+    /// what was known (a relaxed region may have lost writes in a crash),
+    /// acknowledgements and heartbeats add to it.
+    pub(crate) fn peer_holds(&self, i: usize, holds: &VersionVector, opening: bool) {
+        let mut state = self.lock(i);
+        if opening {
+            state.known = holds.clone();
+        } else {
+            state.known.merge(holds);
+        }
+    }
+
+    /// Marks a snapshot transfer with peer `i` under way until the
+    /// returned guard is dropped.
+    pub(crate) fn snapshot_under_way(&self, i: usize) -> SnapshotUnderWay {
+        self.lock(i).snapshots += 1;
+        SnapshotUnderWay {
+            peers: self.clone(),
+            index: i,
+        }
     }
 
     /// Records an accepted clock from peer `i`.
     pub(crate) fn clock_accepted(&self, i: usize) {
-        lock(&self.peers[i].status).clock_refused = false;
+        self.lock(i).status.clock_refused = false;
     }
 
     /// Counts deltas and bytes sent to peer `i`.
     pub(crate) fn sent(&self, i: usize, deltas: u64, bytes: u64) {
-        let mut status = lock(&self.peers[i].status);
-        status.deltas_sent += deltas;
-        status.bytes_sent += bytes;
+        let mut state = self.lock(i);
+        state.status.deltas_sent += deltas;
+        state.status.bytes_sent += bytes;
+        drop(state);
         metrics::counter!("concord_peer_deltas_sent_total", "peer" => self.peers[i].config.region.clone())
             .increment(deltas);
         metrics::counter!("concord_peer_bytes_sent_total", "peer" => self.peers[i].config.region.clone())
@@ -163,9 +368,10 @@ impl Peers {
 
     /// Counts deltas applied and bytes received from peer `i`.
     pub(crate) fn received(&self, i: usize, deltas: u64, bytes: u64) {
-        let mut status = lock(&self.peers[i].status);
-        status.deltas_received += deltas;
-        status.bytes_received += bytes;
+        let mut state = self.lock(i);
+        state.status.deltas_received += deltas;
+        state.status.bytes_received += bytes;
+        drop(state);
         metrics::counter!("concord_peer_deltas_received_total", "peer" => self.peers[i].config.region.clone())
             .increment(deltas);
         metrics::counter!("concord_peer_bytes_received_total", "peer" => self.peers[i].config.region.clone())
@@ -175,20 +381,17 @@ impl Peers {
     /// Records how many deltas peer `i` has that this node lacks; none
     /// means no lag in time either.
     pub(crate) fn lag(&self, i: usize, ops: u64) {
-        let mut status = lock(&self.peers[i].status);
-        status.lag_ops = ops;
+        let mut state = self.lock(i);
+        state.status.lag_ops = ops;
         if ops == 0 {
-            status.lag_ms = 0;
+            state.status.lag_ms = 0;
         }
-        drop(status);
-        metrics::gauge!("concord_peer_lag_ops", "peer" => self.peers[i].config.region.clone())
-            .set(ops as f64);
     }
 
     /// Records how late, in milliseconds, the newest delta of a batch from
     /// peer `i` arrived.
     pub(crate) fn delay(&self, i: usize, ms: u64) {
-        lock(&self.peers[i].status).lag_ms = ms;
+        self.lock(i).status.lag_ms = ms;
         metrics::histogram!("concord_replication_delay_seconds", "peer" => self.peers[i].config.region.clone())
             .record(ms as f64 / 1000.0);
     }
@@ -200,7 +403,16 @@ impl Peers {
 
     /// Counts a refusal of something peer `i` sent.
     pub(crate) fn refused_by_index(&self, i: usize, why: Refusal) {
-        self.refused(&self.peers[i], why);
+        metrics::counter!("concord_peer_refusals_total", "cause" => why.label()).increment(1);
+        let mut state = self.lock(i);
+        match why {
+            Refusal::ClockDrift => {
+                state.status.refused_clock_drift += 1;
+                state.status.clock_refused = true;
+            }
+            Refusal::BadBatch => state.status.refused_bad_batch += 1,
+            Refusal::UnknownPeer => state.status.refused_unknown_peer += 1,
+        }
     }
 
     /// Openings refused because the caller was not a configured peer.
@@ -224,29 +436,57 @@ impl Peers {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn refused(&self, peer: &Peer, why: Refusal) {
-        metrics::counter!("concord_peer_refusals_total", "cause" => why.label()).increment(1);
-        let mut status = lock(&peer.status);
-        match why {
-            Refusal::ClockDrift => {
-                status.refused_clock_drift += 1;
-                status.clock_refused = true;
+    /// Whether a refusal of `caller` for `cause` should be logged as a
+    /// warning now: the first time, and again once
+    /// [`REFUSAL_LOG_INTERVAL`] has passed since the last warning.
+    pub(crate) fn warn_now(&self, caller: &str, cause: &str) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut warned = lock(&self.warned);
+        let key = format!("{caller}\u{0}{cause}");
+        match warned.get(&key) {
+            Some(&at) if now.duration_since(at) < REFUSAL_LOG_INTERVAL => false,
+            _ => {
+                // Bounded: callers that stopped calling are forgotten.
+                if warned.len() >= 1024 {
+                    warned.retain(|_, at| now.duration_since(*at) < REFUSAL_LOG_INTERVAL);
+                }
+                warned.insert(key, now);
+                true
             }
-            Refusal::BadBatch => status.refused_bad_batch += 1,
-            Refusal::UnknownPeer => status.refused_unknown_peer += 1,
         }
     }
 }
 
-impl Peer {
-    fn contact(&self, remote: Hlc, local_ms: i64) {
-        let mut status = lock(&self.status);
-        status.last_contact_unix_ms = u64::try_from(local_ms).unwrap_or(0);
-        status.clock_skew_ms = remote.unix_ms().saturating_sub(local_ms);
+/// The label of a cause in metrics.
+fn cause_label(cause: pb::LinkDownCause) -> &'static str {
+    match cause {
+        pb::LinkDownCause::Unspecified => "unspecified",
+        pb::LinkDownCause::Unreachable => "unreachable",
+        pb::LinkDownCause::Refused => "refused",
+        pb::LinkDownCause::Silent => "silent",
+        pb::LinkDownCause::ClockRefused => "clock_refused",
+        pb::LinkDownCause::PeerFault => "peer_fault",
+        pb::LinkDownCause::Ended => "ended",
+        pb::LinkDownCause::LocalFailure => "local_failure",
     }
 }
 
-fn lock(m: &Mutex<pb::PeerStatus>) -> std::sync::MutexGuard<'_, pb::PeerStatus> {
+/// The wall time (unix ms, from its HLC) of the oldest delta in `ours`
+/// that `known` lacks, read from the logs; none when nothing is lacking
+/// (or the logs no longer hold it).
+fn oldest_lacking(store: &Store, ours: &VersionVector, known: &VersionVector) -> Option<i64> {
+    ours.iter()
+        .filter(|&(origin, seq)| seq > known.get(origin))
+        .filter_map(|(origin, _)| {
+            let first = store
+                .log_from(origin, known.get(origin) + 1, 1, usize::MAX)
+                .ok()?;
+            first.first().map(|d| d.hlc.unix_ms())
+        })
+        .min()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding the lock leaves plain counters behind; they
     // are still worth showing.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -295,7 +535,11 @@ impl PeerService {
         if let Err(e) = observe_clock(&self.engine, &self.peers, index, first.sender_hlc) {
             if let LinkError::Clock(_) = e {
                 let region = &self.peers.config(index).region;
-                tracing::warn!(peer = %region, error = %e, "refused a peer whose clock is too far ahead; fix its clock");
+                if self.peers.warn_now(region, "clock") {
+                    tracing::warn!(peer = %region, error = %e, "refused a peer whose clock is too far ahead; fix its clock (said again at most once a minute)");
+                } else {
+                    tracing::debug!(peer = %region, error = %e, "refused a peer whose clock is too far ahead");
+                }
             }
             return Err(e.into());
         }
@@ -314,6 +558,8 @@ impl Replication for PeerService {
         let mut inbound = request.into_inner();
         let (hello, index) = self.opening(&mut inbound).await?;
         tracing::debug!(peer = %self.peers.config(index).region, origins = ?hello.origins, "peer subscribed");
+        let holds: VersionVector = hello.applied.clone().unwrap_or_default().into();
+        self.peers.peer_holds(index, &holds, true);
         let applied = self
             .engine
             .store()
@@ -333,7 +579,7 @@ impl Replication for PeerService {
             engine: self.engine.clone(),
             peers: self.peers.clone(),
             index,
-            sent: hello.applied.unwrap_or_default().into(),
+            sent: holds,
             origins: origins(&hello.origins),
         };
         tokio::spawn(provider.run(inbound, tx));

@@ -31,7 +31,7 @@ use tonic::{Status, Streaming};
 use crate::engine::Engine;
 use crate::error::NodeError;
 use crate::handshake::{observe_clock, LinkError};
-use crate::peer::Peers;
+use crate::peer::{Peers, SnapshotUnderWay};
 use crate::subscribe::Appended;
 
 /// Most deltas in one batch.
@@ -55,7 +55,7 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// every second) before a stream is given up and, on the subscriber's
 /// side, reconnected: a frozen peer or a wedged connection is noticed this
 /// fast, not after TCP's or HTTP/2's much longer timeouts.
-pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Longest wait for room in the queue towards a subscriber; a subscriber
 /// that takes longer to drain it is given up.
@@ -212,6 +212,7 @@ impl Provider {
             Some(pb::subscriber_frame::Body::Ack(ack)) => {
                 let acked: VersionVector = ack.applied.unwrap_or_default().into();
                 self.sent.merge(&acked);
+                self.peers.peer_holds(self.index, &acked, false);
                 let peer = ReplicaId(self.peers.config(self.index).replica_id);
                 blocking(&self.engine, move |store| store.set_peer_ack(peer, &acked)).await?;
             }
@@ -221,6 +222,7 @@ impl Provider {
             Some(pb::subscriber_frame::Body::Heartbeat(beat)) => {
                 let theirs: VersionVector = beat.applied.unwrap_or_default().into();
                 self.sent.merge(&theirs);
+                self.peers.peer_holds(self.index, &theirs, false);
             }
             Some(pb::subscriber_frame::Body::Hello(_)) | None => {
                 return Err(LinkError::bad_data(
@@ -322,6 +324,7 @@ impl Provider {
     ) -> Result<(), Status> {
         let region = &self.peers.config(self.index).region;
         tracing::info!(peer = %region, "peer is behind the logs' truncation point: sending a snapshot");
+        let _shown = self.peers.snapshot_under_way(self.index);
         let mut cursor = blocking(&self.engine, |store| store.export_snapshot()).await?;
         let covers = cursor.covers().clone();
         // What leaves the region must be on disk: in relaxed mode a
@@ -472,7 +475,7 @@ pub(crate) struct Applier {
     pub(crate) peers: Peers,
     pub(crate) index: usize,
     /// The snapshot being received: what it covers and the chunks so far.
-    snapshot: Option<(VersionVector, u64)>,
+    snapshot: Option<(VersionVector, u64, SnapshotUnderWay)>,
 }
 
 impl Applier {
@@ -580,11 +583,12 @@ impl Applier {
             }
             Some(pb::provider_frame::Body::SnapshotBegin(begin)) => {
                 let covers: VersionVector = begin.covers.unwrap_or_default().into();
-                self.snapshot = Some((covers, 0));
+                let shown = self.peers.snapshot_under_way(self.index);
+                self.snapshot = Some((covers, 0, shown));
                 Ok(false)
             }
             Some(pb::provider_frame::Body::SnapshotChunk(chunk)) => {
-                let Some((_, chunks)) = self.snapshot.as_mut() else {
+                let Some((_, chunks, _)) = self.snapshot.as_mut() else {
                     return Err(self.refuse("a snapshot chunk outside a snapshot".into()));
                 };
                 *chunks += 1;
@@ -603,7 +607,7 @@ impl Applier {
                 Ok(false)
             }
             Some(pb::provider_frame::Body::SnapshotEnd(end)) => {
-                let Some((covers, chunks)) = self.snapshot.take() else {
+                let Some((covers, chunks, _shown)) = self.snapshot.take() else {
                     return Err(self.refuse("a snapshot end outside a snapshot".into()));
                 };
                 if chunks != end.chunks {
@@ -623,6 +627,7 @@ impl Applier {
             }
             Some(pb::provider_frame::Body::Heartbeat(beat)) => {
                 let theirs: VersionVector = beat.applied.unwrap_or_default().into();
+                self.peers.peer_holds(self.index, &theirs, false);
                 let ours = self
                     .engine
                     .store()

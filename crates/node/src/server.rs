@@ -186,6 +186,7 @@ impl Node {
         let (stopping_tx, stopping) = watch::channel(false);
         let gauges = tokio::spawn(crate::metrics::refresh_gauges(
             engine.clone(),
+            peers.clone(),
             wait_for(stopping.clone()),
         ));
         crate::link::spawn_links(&engine, &peers, &connector, &stopping);

@@ -242,4 +242,10 @@ async fn a_link_refuses_a_peer_that_is_not_who_the_configuration_says() {
     let (a, _dials, _stop_b, _dir) = pair(3).await;
     let status = wait_for_peer(&a, |p| p.refused_unknown_peer > 0).await;
     assert!(!status.connected);
+    let status = wait_for_peer(&a, |p| p.down_cause() == pb::LinkDownCause::PeerFault).await;
+    assert_eq!(status.state(), pb::PeerState::Down);
+    assert!(
+        status.down_reason.contains("is not a configured peer"),
+        "{status:?}"
+    );
 }
