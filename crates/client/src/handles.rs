@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use concord_proto::v1 as pb;
 
 use crate::error::{Error, Result};
-use crate::types::{ack, entries, Entry, RegisterValue, StreamId, WriteAck};
+use crate::types::{ack, entries, Entry, Page, RangeStart, RegisterValue, StreamId, WriteAck};
 use crate::{Client, Retry};
 
 macro_rules! handle {
@@ -185,8 +185,36 @@ impl Stream {
         appended_id(r)
     }
 
+    /// One page of entries: from `start` up to `to` (inclusive; `None`:
+    /// the stream's end), at most `count` (0: the server's limit, 10,000
+    /// by default), and whether more follow. The next page starts
+    /// [`RangeStart::After`] the last id of this one.
+    pub async fn page(
+        &self,
+        key: &str,
+        start: RangeStart,
+        to: Option<StreamId>,
+        count: u32,
+    ) -> Result<Page> {
+        let r = unary!(self.client, Retry::Safe, stream_range, {
+            let (from, after) = match start {
+                RangeStart::Beginning => (None, None),
+                RangeStart::From(id) => (Some(id), None),
+                RangeStart::After(id) => (None, Some(id)),
+            };
+            let mut request = stream_range(&self.keyspace, key, from, to, count);
+            request.after = after.map(Into::into);
+            request
+        })?;
+        Ok(Page {
+            entries: entries(r.entries)?,
+            more: r.more,
+        })
+    }
+
     /// Entries with ids from `from` to `to` (both inclusive; `None` is the
-    /// stream's start or end), at most `count` (0: the server's limit).
+    /// stream's start or end), at most `count` (0: the server's limit);
+    /// [`Stream::page`] also says whether more follow.
     pub async fn range(
         &self,
         key: &str,
@@ -359,6 +387,7 @@ pub(crate) fn stream_range(
         from: from.map(Into::into),
         to: to.map(Into::into),
         count,
+        after: None,
     }
 }
 

@@ -71,7 +71,8 @@ pub use batch::{Batch, BatchResult};
 pub use error::{Error, Result};
 pub use handles::{Counter, Register, Set, Stream, Subscription};
 pub use types::{
-    Entry, Health, KeyspaceConflict, KeyspaceInfo, KeyspaceType, RegisterValue, StreamId, WriteAck,
+    Entry, Health, KeyspaceConflict, KeyspaceInfo, KeyspaceType, Page, RangeStart, RegisterValue,
+    StreamId, WriteAck,
 };
 
 /// The generated protobuf types, for what the SDK passes through as is
@@ -174,11 +175,22 @@ impl Client {
                 .http2_keep_alive_interval(options.keepalive)
                 .keep_alive_timeout(options.keepalive)
                 .keep_alive_while_idle(true);
-            if !matches!(endpoint.uri().scheme_str(), Some("http") | Some("https")) {
-                return Err(Error::InvalidEndpoint {
-                    endpoint: url,
-                    reason: "must start with http:// or https://".into(),
-                });
+            match endpoint.uri().scheme_str() {
+                Some("http") => {}
+                // Never a plaintext connection to an address that asks
+                // for TLS.
+                Some("https") => {
+                    return Err(Error::InvalidEndpoint {
+                        endpoint: url,
+                        reason: "TLS is not supported yet: use http://".into(),
+                    })
+                }
+                _ => {
+                    return Err(Error::InvalidEndpoint {
+                        endpoint: url,
+                        reason: "must start with http://".into(),
+                    })
+                }
             }
             endpoints.push((url, endpoint));
         }

@@ -203,26 +203,42 @@ impl FromStr for StreamId {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || {
-            Error::InvalidArgument(format!(
-                "stream id {s:?} is not of the form <unix_ms>-<logical>-<replica>"
-            ))
-        };
+        let bad = |why: String| Error::InvalidArgument(format!("stream id {s:?}: {why}"));
         let parts: Vec<&str> = s.split('-').collect();
+        let shape = || {
+            bad("not of the form <unix_ms>-<logical>-<replica>, three decimal numbers (e.g. 1795580908332-0-1)".into())
+        };
         let [ms, logical, replica] = parts[..] else {
-            return Err(bad());
+            return Err(shape());
         };
         let digits = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
         if !digits(ms) || !digits(logical) || !digits(replica) {
-            return Err(bad());
+            return Err(shape());
         }
-        let ms: u64 = ms.parse().map_err(|_| bad())?;
-        let logical: u64 = logical.parse().map_err(|_| bad())?;
-        let replica: u32 = replica.parse().map_err(|_| bad())?;
-        let since = ms.checked_sub(HLC_EPOCH_UNIX_MS).ok_or_else(bad)?;
-        if since >= 1 << (64 - LOGICAL_BITS) || logical >= 1 << LOGICAL_BITS {
-            return Err(bad());
-        }
+        let max_ms = HLC_EPOCH_UNIX_MS + (1 << (64 - LOGICAL_BITS)) - 1;
+        let max_logical = (1u64 << LOGICAL_BITS) - 1;
+        let ms = ms
+            .parse::<u64>()
+            .ok()
+            .filter(|ms| (HLC_EPOCH_UNIX_MS..=max_ms).contains(ms))
+            .ok_or_else(|| {
+                bad(format!(
+                    "its time {ms} is outside the clock's range, {HLC_EPOCH_UNIX_MS} to {max_ms} unix ms (leave the bound out for the start or the end of the stream)"
+                ))
+            })?;
+        let logical = logical
+            .parse::<u64>()
+            .ok()
+            .filter(|l| *l <= max_logical)
+            .ok_or_else(|| {
+                bad(format!(
+                    "its logical counter {logical} is above {max_logical}"
+                ))
+            })?;
+        let replica: u32 = replica
+            .parse()
+            .map_err(|_| bad(format!("its replica id {replica} is above {}", u32::MAX)))?;
+        let since = ms - HLC_EPOCH_UNIX_MS;
         Ok(StreamId {
             hlc: (since << LOGICAL_BITS) | logical,
             replica,
@@ -246,6 +262,27 @@ impl From<pb::StreamId> for StreamId {
             replica: id.replica,
         }
     }
+}
+
+/// Where a page of a stream starts ([`crate::Stream::page`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeStart {
+    /// At the stream's first entry.
+    Beginning,
+    /// At this id, inclusive.
+    From(StreamId),
+    /// Right after this id: the last id of the previous page.
+    After(StreamId),
+}
+
+/// A page of a stream ([`crate::Stream::page`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The entries, in id order.
+    pub entries: Vec<Entry>,
+    /// True when more entries follow the last one (within the range asked
+    /// for): ask again after its id.
+    pub more: bool,
 }
 
 /// One stream entry.
@@ -316,6 +353,22 @@ mod tests {
             "1732000000000-0-+1",
         ] {
             assert!(bad.parse::<StreamId>().is_err(), "{bad:?}");
+        }
+        // Each says what is wrong with it.
+        for (bad, says) in [
+            ("1-2", "not of the form"),
+            ("0-0-1", "its time 0 is outside the clock's range"),
+            (
+                "1732000000000-4194304-1",
+                "its logical counter 4194304 is above",
+            ),
+            (
+                "1732000000000-0-4294967296",
+                "its replica id 4294967296 is above",
+            ),
+        ] {
+            let e = bad.parse::<StreamId>().expect_err(bad).to_string();
+            assert!(e.contains(says), "{bad:?}: {e}");
         }
     }
 

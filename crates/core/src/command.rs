@@ -99,8 +99,13 @@ pub enum Reply {
     Register(Option<(Vec<u8>, Marker)>),
     /// The id of an appended stream entry.
     Appended(StreamId),
-    /// Stream entries, in id order.
-    Entries(Vec<StreamEntry>),
+    /// Stream entries, in id order, and whether more of the range follow.
+    Entries {
+        /// The entries.
+        entries: Vec<StreamEntry>,
+        /// True when the range held more than were read.
+        more: bool,
+    },
 }
 
 /// The result of one command.
@@ -158,7 +163,7 @@ impl Command {
             (Command::Counter(c), Value::Counter(v)) => c.prepare(v, origin)?.map(Op::Counter),
             (Command::Set(c), Value::Set(v)) => c.prepare(v, origin, limits)?.map(Op::Set),
             (Command::Register(c), Value::Register(_)) => c.prepare().map(Op::Register),
-            (Command::Stream(c), Value::Stream(_)) => c.prepare(now)?.map(Op::Stream),
+            (Command::Stream(c), Value::Stream(v)) => c.prepare(v, now)?.map(Op::Stream),
             (c, v) => return Err(mismatch(c, v)),
         };
         if let Some(op) = &op {
@@ -254,7 +259,7 @@ mod wire {
                 Some(Op::RegisterSet(r)) => r.into(),
                 Some(Op::RegisterGet(r)) => r.into(),
                 Some(Op::StreamAppend(r)) => r.into(),
-                Some(Op::StreamRange(r)) => r.into(),
+                Some(Op::StreamRange(r)) => r.try_into()?,
                 Some(Op::StreamTrim(r)) => r.try_into()?,
             })
         }

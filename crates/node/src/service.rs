@@ -214,7 +214,8 @@ impl Concord for ClientService {
         request: Request<pb::StreamRangeRequest>,
     ) -> Result<Response<pb::StreamRangeResponse>, Status> {
         observe_rpc("stream_range", async move {
-            expect_result!(self.one(request.into_inner().into()).await?, StreamRange)
+            let request = request.into_inner().try_into().map_err(NodeError::from)?;
+            expect_result!(self.one(request).await?, StreamRange)
         })
         .await
     }

@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 
 use concord_core::crdt::{StreamEntry, StreamId};
-use concord_core::{KeyspaceId, ReplicaId};
+use concord_core::KeyspaceId;
 use concord_proto::v1 as pb;
 use concord_store::Store;
 use tokio::sync::{mpsc, watch};
@@ -118,17 +118,6 @@ impl Default for Subscriptions {
             registry: Arc::default(),
             closed: Arc::new(watch::Sender::new(false)),
         }
-    }
-}
-
-/// The id right after `id` in stream order.
-fn successor(id: StreamId) -> StreamId {
-    match id.replica.0.checked_add(1) {
-        Some(r) => StreamId::new(id.hlc, ReplicaId(r)),
-        None => StreamId::new(
-            concord_core::Hlc::from_u64(id.hlc.as_u64().saturating_add(1)),
-            ReplicaId(0),
-        ),
     }
 }
 
@@ -262,7 +251,7 @@ async fn read_backlog(
     most: usize,
     out: mpsc::Sender<Backlog>,
 ) {
-    let mut from = successor(after);
+    let mut from = after.successor();
     let mut sent = 0usize;
     loop {
         let (s, ks, k) = (store.clone(), keyspace.clone(), key.clone());
@@ -295,7 +284,7 @@ async fn read_backlog(
                     .await;
                 return;
             }
-            from = successor(entry.id);
+            from = entry.id.successor();
             sent += 1;
             if out.send(Backlog::Entry(entry)).await.is_err() {
                 return;
@@ -394,7 +383,7 @@ impl Stream for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use concord_core::{CrdtType, Hlc};
+    use concord_core::{CrdtType, Hlc, ReplicaId};
     use concord_store::{Identity, Offload, StoreOptions};
     use tokio_stream::StreamExt;
 

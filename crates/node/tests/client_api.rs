@@ -191,6 +191,7 @@ async fn every_operation_works_against_one_node() {
         from,
         to: None,
         count,
+        after: None,
     };
     let all = c
         .stream_range(range(None, 0))
@@ -205,13 +206,42 @@ async fn every_operation_works_against_one_node() {
         .into_inner();
     let values: Vec<u8> = two.entries.iter().map(|e| e.fields[0].value[0]).collect();
     assert_eq!(values, [1, 2]);
-    c.stream_trim(pb::StreamTrimRequest {
+    assert!(two.more, "a page cut by its count says so");
+    // Paging after the last id of a page, never repeating it.
+    let after = c
+        .stream_range(pb::StreamRangeRequest {
+            after: Some(ids[2]),
+            ..range(None, 0)
+        })
+        .await
+        .expect("range after")
+        .into_inner();
+    let values: Vec<u8> = after.entries.iter().map(|e| e.fields[0].value[0]).collect();
+    assert_eq!(values, [3, 4]);
+    assert!(!after.more, "the last page says nothing follows");
+    let both = c
+        .stream_range(pb::StreamRangeRequest {
+            after: Some(ids[2]),
+            ..range(Some(ids[1]), 0)
+        })
+        .await
+        .expect_err("from and after");
+    assert_eq!(both.code(), Code::InvalidArgument);
+    let trim = |before: pb::StreamId| pb::StreamTrimRequest {
         keyspace: "events".into(),
         key: "e".into(),
-        before: Some(ids[3]),
-    })
-    .await
-    .expect("trim");
+        before: Some(before),
+    };
+    c.stream_trim(trim(ids[3])).await.expect("trim");
+    // A trim that would not raise the watermark is no write.
+    for before in [ids[3], ids[1]] {
+        let again = c
+            .stream_trim(trim(before))
+            .await
+            .expect("trim")
+            .into_inner();
+        assert_eq!((again.seq, again.hlc), (0, 0), "an empty trim logs nothing");
+    }
     let left = c
         .stream_range(range(None, 0))
         .await

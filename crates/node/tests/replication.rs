@@ -284,6 +284,7 @@ async fn three_regions_writing_concurrently_converge_with_every_write() {
             from: None,
             to: None,
             count: 0,
+            after: None,
         })
         .await
         .expect("range")

@@ -75,7 +75,9 @@ fn declare_both(store: &Store, clock: &Clock) {
 
 fn values(result: &Outcome) -> Vec<Vec<u8>> {
     match &result.reply {
-        Reply::Entries(entries) => entries.iter().map(|e| e.fields[0].value.clone()).collect(),
+        Reply::Entries { entries, .. } => {
+            entries.iter().map(|e| e.fields[0].value.clone()).collect()
+        }
         other => panic!("not entries: {other:?}"),
     }
 }

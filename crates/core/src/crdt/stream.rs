@@ -52,6 +52,19 @@ impl StreamId {
     pub const fn new(hlc: Hlc, replica: ReplicaId) -> Self {
         StreamId { hlc, replica }
     }
+
+    /// The least id above this one ([`StreamId::MAX`] stays itself): where
+    /// a range that continues after an id starts.
+    pub fn successor(self) -> StreamId {
+        match self.replica.0.checked_add(1) {
+            Some(r) => StreamId::new(self.hlc, ReplicaId(r)),
+            None if self == StreamId::MAX => self,
+            None => StreamId::new(
+                Hlc::from_u64(self.hlc.as_u64().saturating_add(1)),
+                ReplicaId(0),
+            ),
+        }
+    }
 }
 
 impl fmt::Display for StreamId {
@@ -299,7 +312,8 @@ pub enum StreamCommand {
     Append(Vec<Field>),
     /// Read entries with `from <= id <= to`, at most `count` (0 asks for
     /// the most [`Limits::max_range_entries`] allows; see
-    /// [`crate::Request::checked`]).
+    /// [`crate::Request::checked`]); the reply says whether more entries
+    /// of the range follow.
     Range {
         /// First id.
         from: StreamId,
@@ -321,14 +335,24 @@ impl StreamCommand {
     /// A range reads entries; the others only the watermark.
     pub(crate) fn access(&self) -> Access<'_> {
         match *self {
-            StreamCommand::Range { from, to, count } => Access::Range { from, to, count },
+            // One more than asked, to tell whether more follow.
+            StreamCommand::Range { from, to, count } => Access::Range {
+                from,
+                to,
+                count: count.saturating_add(1),
+            },
             StreamCommand::Append(_) | StreamCommand::Trim(_) => Access::Value,
         }
     }
 
-    pub(crate) fn prepare(&self, now: Hlc) -> Result<Option<StreamOp>> {
+    /// The operation for this command on `stream` (its watermark is what
+    /// a trim needs); none for a read, and for a trim that would not raise
+    /// the watermark: it changes nothing, in any region, so it is neither
+    /// logged nor replicated.
+    pub(crate) fn prepare(&self, stream: &Stream, now: Hlc) -> Result<Option<StreamOp>> {
         match self {
             StreamCommand::Append(fields) => Ok(Some(Stream::prepare_append(fields.clone()))),
+            StreamCommand::Trim(before) if *before <= stream.trimmed_before() => Ok(None),
             StreamCommand::Trim(before) => Stream::prepare_trim(*before, now).map(Some),
             StreamCommand::Range { .. } => Ok(None),
         }
@@ -346,7 +370,10 @@ impl StreamCommand {
                 Reply::Appended(StreamId::new(stamp.hlc, origin))
             }
             StreamCommand::Range { from, to, count } => {
-                Reply::Entries(stream.range(from, to, count))
+                let mut entries = stream.range(from, to, count.saturating_add(1));
+                let more = entries.len() > count;
+                entries.truncate(count);
+                Reply::Entries { entries, more }
             }
             StreamCommand::Trim(_) => Reply::Done,
         })
@@ -373,14 +400,42 @@ mod wire {
         }
     }
 
-    impl From<pb::StreamRangeRequest> for Request {
-        fn from(r: pb::StreamRangeRequest) -> Self {
+    impl TryFrom<pb::StreamRangeRequest> for Request {
+        type Error = CoreError;
+
+        fn try_from(r: pb::StreamRangeRequest) -> Result<Self> {
+            let from = match (r.from, r.after) {
+                (Some(_), Some(_)) => {
+                    return Err(CoreError::invalid(
+                        "stream range",
+                        "set `from` (inclusive) or `after` (exclusive), not both",
+                    ))
+                }
+                (Some(from), None) => StreamId::from(from),
+                (None, Some(after)) => {
+                    let after = StreamId::from(after);
+                    if after == StreamId::MAX {
+                        // Nothing is above the greatest id.
+                        return Ok(Request::new(
+                            r.keyspace,
+                            r.key,
+                            Command::Stream(StreamCommand::Range {
+                                from: StreamId::MAX,
+                                to: StreamId::MIN,
+                                count: r.count as usize,
+                            }),
+                        ));
+                    }
+                    after.successor()
+                }
+                (None, None) => StreamId::MIN,
+            };
             let range = StreamCommand::Range {
-                from: r.from.map_or(StreamId::MIN, StreamId::from),
+                from,
                 to: r.to.map_or(StreamId::MAX, StreamId::from),
                 count: r.count as usize,
             };
-            Request::new(r.keyspace, r.key, Command::Stream(range))
+            Ok(Request::new(r.keyspace, r.key, Command::Stream(range)))
         }
     }
 
@@ -405,9 +460,10 @@ mod wire {
                         write: Some(written(outcome.write)?),
                     })
                 }
-                (StreamCommand::Range { .. }, Reply::Entries(entries)) => {
+                (StreamCommand::Range { .. }, Reply::Entries { entries, more }) => {
                     R::StreamRange(pb::StreamRangeResponse {
                         entries: entries.into_iter().map(Into::into).collect(),
+                        more,
                     })
                 }
                 (StreamCommand::Trim(_), Reply::Done) => R::StreamTrim(written(outcome.write)?),
