@@ -172,6 +172,8 @@ fn replay(seed: u64, scenario: &ScenarioArgs) -> ExitCode {
         .with_env_filter(filter)
         .with_target(false)
         .with_timer(SimulatedTime)
+        // Colours for a terminal, never escape codes in a file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let options = scenario.options();
     match concord_sim::run(seed, &options, scenario.data_dir.as_deref()) {
@@ -289,6 +291,8 @@ fn run(
         }
         drop(tx);
         let mut failures = 0;
+        let mut done = 0u64;
+        let mut reported = Instant::now();
         for (seed, outcome) in rx {
             match outcome {
                 Ok(o) => {
@@ -313,6 +317,17 @@ fn run(
             }
             bar.set_message(format!("{failures} failed"));
             bar.inc(1);
+            done += 1;
+            // Without a terminal there is no bar: a line now and then
+            // says how far the run is.
+            if bar.is_hidden() && (reported.elapsed() >= PROGRESS_EVERY || done == seeds) {
+                reported = Instant::now();
+                let elapsed = started.elapsed().as_secs_f64();
+                let eta = elapsed / done as f64 * (seeds - done) as f64;
+                println!(
+                    "progress: {done}/{seeds} seeds, {failures} failed, {elapsed:.0} s elapsed, about {eta:.0} s to go"
+                );
+            }
         }
     });
     bar.finish_and_clear();
@@ -335,6 +350,9 @@ fn run(
         }
     }
 }
+
+/// How often a run without a terminal prints a progress line.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// Prints a line above the progress bar, or plainly when there is no bar
 /// (output not to a terminal).
@@ -381,7 +399,7 @@ fn summary(
     row(
         &mut out,
         "operations",
-        format!("{acked} writes acknowledged, {failed_ops} failed or unknown, {reads} reads"),
+        format!("{acked} writes acknowledged, {failed_ops} of unknown outcome, {reads} reads"),
     );
     let mut faults: BTreeMap<FaultKind, (u32, u32)> = BTreeMap::new();
     for o in outcomes {
@@ -433,6 +451,15 @@ fn summary(
             "{:.1} seeds per minute",
             seeds as f64 / wall.as_secs_f64().max(1e-9) * 60.0
         ),
+    );
+    out.push_str(
+        "\n  Every acknowledged write must be present in every region with its type's\n  \
+         semantics. A write of unknown outcome is one whose client got an error or no\n  \
+         answer (its region was cut off, crashed or lost power); it may or may not have\n  \
+         been applied, and the checkers accept either, the same in every region. A\n  \
+         fault's count is how often it was injected, its seeds how many runs had it.\n  \
+         Convergence is the simulated time from the last heal until every region\n  \
+         applied the same vector.\n",
     );
     if !failed.is_empty() || !errors.is_empty() {
         out.push_str("  failures\n");

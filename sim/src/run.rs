@@ -284,6 +284,7 @@ impl World<'_> {
             listen: std::net::SocketAddr::from(([0, 0, 0, 0], net::PORT)),
             data_dir: self.dirs[i].borrow().clone(),
             metrics_listen: None,
+            pid_file: None,
             peers,
             durability: if self.plan.relaxed {
                 Durability::Relaxed

@@ -4,6 +4,7 @@
 //! ports, and running a node process that is killed when dropped.
 
 pub mod cluster;
+pub mod dev;
 pub mod proxy;
 pub mod workload;
 

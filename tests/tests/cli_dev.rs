@@ -3,28 +3,12 @@
 //! killed and restarted from its config file, and Ctrl-C (SIGTERM here)
 //! stopping the rest.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use concord_tests::{binary, cli, cli_json, free_base_port, signal, wait_for_port, NodeProcess};
+use concord_tests::dev::Dev;
+use concord_tests::{binary, cli, cli_json, signal, wait_for_port, NodeProcess};
 use serde_json::Value;
-
-/// Kills `concord dev` and whatever it started if the test fails.
-struct Dev {
-    child: std::process::Child,
-    pids: Vec<u32>,
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        for &pid in &self.pids {
-            signal(pid, rustix::process::Signal::KILL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn pid_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
@@ -36,51 +20,15 @@ fn pid_alive(pid: u32) -> bool {
 #[test]
 fn dev_cluster_serves_every_type_and_survives_a_killed_region() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let base = free_base_port(3);
-    let mut child = Command::new(binary("concord"))
-        .args([
-            "--json",
-            "dev",
-            "--regions",
-            "3",
-            "--base-port",
-            &base.to_string(),
-            "--data",
-        ])
-        .arg(dir.path())
-        .arg("--node-bin")
-        .arg(binary("concord-node"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start concord dev");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut dev = Dev {
-        child,
-        pids: Vec::new(),
-    };
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("the cluster table");
-    let regions: Vec<Value> = serde_json::from_str(&line).expect("JSON list of regions");
-    assert_eq!(regions.len(), 3);
-    dev.pids = regions
-        .iter()
-        .map(|r| r["pid"].as_u64().expect("pid") as u32)
-        .collect();
-    let names: Vec<&str> = regions
+    let mut dev = Dev::start(dir.path(), 3);
+    let names: Vec<&str> = dev
+        .regions
         .iter()
         .map(|r| r["region"].as_str().expect("name"))
         .collect();
     assert_eq!(names, ["us-east", "eu-west", "ap-south"]);
-    let endpoint = |i: usize| {
-        regions[i]["endpoint"]
-            .as_str()
-            .expect("endpoint")
-            .to_string()
-    };
-    let config = |i: usize| regions[i]["config"].as_str().expect("config").to_string();
+    let endpoint = |i: usize| dev.endpoint(i);
+    let config = |i: usize| dev.config(i);
     assert!(std::path::Path::new(&config(0)).is_file());
     let e0 = endpoint(0);
 
@@ -122,11 +70,47 @@ fn dev_cluster_serves_every_type_and_survives_a_killed_region() {
         (reg["found"].clone(), reg["value"].clone()),
         (Value::Bool(true), Value::from("ada"))
     );
+    // Values from standard input and from a file, byte for byte.
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let mut piped = Command::new(binary("concord"))
+        .args(["--endpoint", &e0, "register", "set", "names", "piped", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run concord");
+    {
+        use std::io::Write;
+        let mut stdin = piped.stdin.take().expect("stdin");
+        stdin.write_all(&big).expect("write stdin");
+    }
+    assert!(piped.wait().expect("wait").success());
+    let file = dir.path().join("value.bin");
+    std::fs::write(&file, &big[..1000]).expect("write value file");
+    let at_file = format!("@{}", file.display());
+    cli_json(&e0, &["register", "set", "names", "filed", &at_file]);
+    cli_json(&e0, &["register", "set", "names", "at", "@@home"]);
+    let hex = |bytes: &[u8]| -> String {
+        let digits: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        format!("0x{digits}")
+    };
+    assert_eq!(
+        cli_json(&e0, &["register", "get", "names", "piped"])["value"],
+        Value::from(hex(&big))
+    );
+    assert_eq!(
+        cli_json(&e0, &["register", "get", "names", "filed"])["value"],
+        Value::from(hex(&big[..1000]))
+    );
+    assert_eq!(
+        cli_json(&e0, &["register", "get", "names", "at"])["value"],
+        "@home"
+    );
     let first = cli_json(&e0, &["stream", "append", "ev", "o", "sku=A", "qty=2"])["id"].clone();
     let second = cli_json(&e0, &["stream", "append", "ev", "o", "sku=B"])["id"].clone();
     let all = cli_json(&e0, &["stream", "range", "ev", "o"]);
-    assert_eq!(all.as_array().expect("entries").len(), 2);
-    assert_eq!(all[0]["fields"]["qty"], "2");
+    assert_eq!(all["entries"].as_array().expect("entries").len(), 2);
+    assert_eq!(all["entries"][0]["fields"]["qty"], "2");
+    assert_eq!(all["more"], false);
     let second_id = second.as_str().expect("id");
     let tail = cli_json(
         &e0,
@@ -134,11 +118,35 @@ fn dev_cluster_serves_every_type_and_survives_a_killed_region() {
             "stream", "range", "ev", "o", "--from", second_id, "--count", "5",
         ],
     );
-    assert_eq!(tail[0]["id"], second);
+    assert_eq!(tail["entries"][0]["id"], second);
+    // Paging: a cut page says so, and the next starts after its last id.
+    let page = cli_json(&e0, &["stream", "range", "ev", "o", "--count", "1"]);
+    assert_eq!(page["entries"][0]["id"], first);
+    assert_eq!(page["more"], true);
+    let first_id = first.as_str().expect("id");
+    let next = cli_json(&e0, &["stream", "range", "ev", "o", "--after", first_id]);
+    assert_eq!(next["entries"].as_array().expect("entries").len(), 1);
+    assert_eq!(next["entries"][0]["id"], second);
+    assert_eq!(next["more"], false);
+    let cut = cli(&[
+        "--endpoint",
+        &e0,
+        "stream",
+        "range",
+        "ev",
+        "o",
+        "--count",
+        "1",
+    ]);
+    let note = String::from_utf8_lossy(&cut.stderr);
+    assert!(
+        note.contains(&format!("continue with --after {first_id}")),
+        "{note}"
+    );
     cli_json(&e0, &["stream", "trim", "ev", "o", "--before", second_id]);
     let left = cli_json(&e0, &["stream", "range", "ev", "o"]);
-    assert_eq!(left.as_array().expect("entries").len(), 1);
-    assert_ne!(left[0]["id"], first);
+    assert_eq!(left["entries"].as_array().expect("entries").len(), 1);
+    assert_ne!(left["entries"][0]["id"], first);
     let listed = cli_json(&e0, &["keyspace", "list"]);
     assert_eq!(listed.as_array().expect("list").len(), 4);
     assert_eq!(
@@ -149,19 +157,28 @@ fn dev_cluster_serves_every_type_and_survives_a_killed_region() {
     assert_eq!(status["region"], "us-east");
     assert_eq!(status["peers"].as_array().expect("peers").len(), 2);
 
-    // Errors: one line on stderr, a non-zero exit.
-    for args in [
-        vec!["counter", "get", "nope", "k"],
-        vec!["counter", "incr", "tags", "p"],
-        vec!["stream", "range", "ev", "o", "--from", "not-an-id"],
+    // Errors: one line on stderr; exit 1, or 2 for a malformed command
+    // line.
+    for (args, code) in [
+        (vec!["counter", "get", "nope", "k"], 1),
+        (vec!["counter", "incr", "tags", "p"], 1),
+        (vec!["register", "set", "names", "u1", "@/no/such/file"], 1),
+        (vec!["stream", "range", "ev", "o", "--from", "not-an-id"], 2),
+        (vec!["counter", "incr"], 2),
+        (vec!["counter", "incr", "hits", "k", "--by", "x"], 2),
+        (vec!["frobnicate"], 2),
     ] {
         let mut all = vec!["--endpoint", &e0];
         all.extend(args.iter().copied());
         let out = cli(&all);
-        assert!(!out.status.success(), "{args:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!stderr.trim().is_empty(), "{args:?}");
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.starts_with("concord: "), "{args:?}: {stderr}");
     }
+    let https = cli(&["--endpoint", "https://127.0.0.1:1", "status"]);
+    let stderr = String::from_utf8_lossy(&https.stderr);
+    assert!(stderr.contains("TLS is not supported yet"), "{stderr}");
     let unknown = cli(&["--endpoint", &e0, "counter", "get", "nope", "k"]);
     let stderr = String::from_utf8_lossy(&unknown.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
@@ -190,7 +207,7 @@ fn dev_cluster_serves_every_type_and_survives_a_killed_region() {
     signal(dev.child.id(), rustix::process::Signal::TERM);
     let exited = dev.child.wait().expect("wait");
     assert!(exited.success(), "concord dev exits cleanly: {exited}");
-    for pid in [dev.pids[0], dev.pids[2]] {
+    for pid in [dev.pids[0], dev.pids[2], restarted.pid()] {
         assert!(!pid_alive(pid), "region pid {pid} still running");
     }
     drop(restarted);

@@ -191,3 +191,52 @@ async fn sigterm_keeps_every_acknowledged_write_even_in_relaxed_mode() {
         .expect("connect");
     assert_eq!(client.counter("hits").get("k").await.expect("get"), acked);
 }
+
+#[test]
+fn a_data_directory_in_use_is_refused_in_one_clear_line_and_named_in_the_pid_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = free_base_port(2);
+    let listen = format!("127.0.0.1:{base}");
+    let pid_file = dir.path().join("node.pid");
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        node_config(
+            "us-east",
+            1,
+            &listen,
+            dir.path(),
+            &format!("pid_file = {pid_file:?}"),
+        ),
+    )
+    .expect("write");
+    let node = NodeProcess::start(&config, &listen);
+    // Written once the store is open, a moment after the port listens.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let written = loop {
+        match std::fs::read_to_string(&pid_file) {
+            Ok(text) if text.ends_with('\n') => break text,
+            _ if std::time::Instant::now() > deadline => panic!("no pid file"),
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    assert_eq!(written.trim(), node.pid().to_string());
+
+    let second = Command::new(binary("concord-node"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{}", base + 1))
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("is in use"), "{stderr}");
+    assert!(!stderr.contains("Os {"), "no debug formatting: {stderr}");
+    // The pid file still names the node that holds the directory.
+    let still = std::fs::read_to_string(&pid_file).expect("the pid file");
+    assert_eq!(still.trim(), node.pid().to_string());
+    assert!(node.terminate(), "a clean exit");
+    assert!(!pid_file.exists(), "removed when the node stops");
+}

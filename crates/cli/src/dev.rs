@@ -4,10 +4,13 @@
 //!
 //! Region `i` (from 0) listens on `base_port + i` and serves its metrics on
 //! `base_port + 1000 + i`. Its files are under `<data>/<region>/`:
-//! `concord-node.toml`, `data/` and `node.log`. A region whose process dies
-//! is reported and left down (the others keep serving); `concord-node
-//! --config <data>/<region>/concord-node.toml` restarts it. Ctrl-C (or
-//! SIGTERM) stops every region gracefully.
+//! `concord-node.toml`, `data/`, `node.log` and, while it runs, `node.pid`.
+//! A region whose process dies is reported and left down (the others keep
+//! serving); `concord-node --config <data>/<region>/concord-node.toml`
+//! restarts it. Ctrl-C (or SIGTERM) stops every region gracefully,
+//! restarted ones too: each region's pid file says which process holds it.
+//! A region still running from an earlier run (its `concord dev` was
+//! killed) is stopped before the new one starts.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -21,6 +24,10 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::output::Out;
+
+/// The file, in each region's directory, naming the process that holds
+/// its data.
+pub const PID_FILE: &str = "node.pid";
 
 /// Most regions `concord dev` starts.
 pub const MAX_DEV_REGIONS: u16 = 9;
@@ -109,6 +116,7 @@ fn configs(args: &DevArgs, data: &Path) -> Result<Vec<Config>, String> {
                 listen: *listen,
                 data_dir: data.join(region).join("data"),
                 metrics_listen: Some(addr(listen.port() + METRICS_PORT_OFFSET)),
+                pid_file: Some(data.join(region).join(PID_FILE)),
                 peers: all
                     .iter()
                     .enumerate()
@@ -165,6 +173,14 @@ pub async fn run(args: DevArgs, out: Out) -> Result<(), String> {
     let data =
         std::path::absolute(&args.data).map_err(|e| format!("{}: {e}", args.data.display()))?;
     let configs = configs(&args, &data)?;
+    let leftovers: Vec<(String, u32)> = configs
+        .iter()
+        .filter_map(|c| Some((c.region.clone(), running_region(c.pid_file.as_deref()?)?)))
+        .collect();
+    for (region, pid) in &leftovers {
+        eprintln!("region {region} is still running from an earlier run (pid {pid}); stopping it");
+    }
+    stop_pids(&leftovers.iter().map(|(_, pid)| *pid).collect::<Vec<_>>()).await;
 
     let (exits_tx, mut exits) = mpsc::channel::<(usize, String)>(configs.len());
     let mut regions: Vec<Region> = Vec::with_capacity(configs.len());
@@ -201,7 +217,7 @@ pub async fn run(args: DevArgs, out: Out) -> Result<(), String> {
                 alive.remove(&i);
                 let r = &regions[i];
                 eprintln!(
-                    "region {} (pid {}) exited: {status}; the others keep serving. Restart it with: {} --config {}",
+                    "region {} (pid {}) exited: {status}; the others keep serving. Restart it with: {} --config {} (Ctrl-C here stops it too)",
                     r.config.region, r.pid, bin.display(), r.config_path.display()
                 );
                 if alive.is_empty() {
@@ -213,6 +229,16 @@ pub async fn run(args: DevArgs, out: Out) -> Result<(), String> {
     eprintln!("stopping {} regions...", alive.len());
     let live: Vec<&Region> = alive.keys().map(|&i| &regions[i]).collect();
     stop_all(&live, &mut exits, alive.len()).await;
+    // Regions restarted by hand hold their data under a pid this process
+    // did not start: stopped too.
+    let restarted: Vec<u32> = regions
+        .iter()
+        .filter_map(|r| running_region(r.config.pid_file.as_deref()?))
+        .collect();
+    if !restarted.is_empty() {
+        eprintln!("stopping {} regions restarted by hand...", restarted.len());
+        stop_pids(&restarted).await;
+    }
     eprintln!("stopped");
     Ok(())
 }
@@ -405,6 +431,53 @@ async fn stop_all(
                 break;
             }
         }
+    }
+}
+
+/// The pid of the `concord-node` process a region's pid file names, when
+/// that process is still running.
+fn running_region(pid_file: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let is_node = cmdline
+        .split(|b| *b == 0)
+        .next()
+        .is_some_and(|exe| exe.ends_with(b"concord-node"));
+    (is_node && alive(pid)).then_some(pid)
+}
+
+/// Whether `pid` runs (a zombie, dead but not yet reaped, does not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// Sends SIGTERM to processes this one did not start, waits up to
+/// [`STOP_TIMEOUT`] for them to end, then kills what is left.
+async fn stop_pids(pids: &[u32]) {
+    for &pid in pids {
+        signal(pid, rustix::process::Signal::TERM);
+    }
+    let deadline = tokio::time::Instant::now() + STOP_TIMEOUT;
+    while pids.iter().any(|&pid| alive(pid)) {
+        if tokio::time::Instant::now() > deadline {
+            eprintln!(
+                "regions still running after {} s; killing them",
+                STOP_TIMEOUT.as_secs()
+            );
+            for &pid in pids {
+                signal(pid, rustix::process::Signal::KILL);
+            }
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use concord_client::{Client, ClientOptions, Health, KeyspaceType, StreamId};
+use concord_client::{Client, ClientOptions, Health, KeyspaceType, RangeStart, StreamId};
 use tokio_stream::StreamExt;
 
 use crate::output::Out;
@@ -170,7 +170,9 @@ enum RegisterCmd {
     Set {
         #[command(flatten)]
         at: KeyArgs,
-        /// Value.
+        /// Value: the text itself, `-` to read it from standard input,
+        /// `@PATH` to read it from a file (`@@...` for text starting with
+        /// `@`).
         value: String,
     },
     /// Read a register.
@@ -186,7 +188,8 @@ enum StreamCmd {
     Append {
         #[command(flatten)]
         at: KeyArgs,
-        /// Fields, as FIELD=VALUE.
+        /// Fields, as FIELD=VALUE; a VALUE of `-` is read from standard
+        /// input, `@PATH` from a file (`@@...` for text starting with `@`).
         #[arg(required = true, value_parser = parse_field)]
         fields: Vec<(String, String)>,
     },
@@ -195,12 +198,18 @@ enum StreamCmd {
         #[command(flatten)]
         at: KeyArgs,
         /// First id (inclusive).
-        #[arg(long, value_parser = parse_id)]
+        #[arg(long, value_parser = parse_id, conflicts_with = "after")]
         from: Option<StreamId>,
+        /// Start right after this id (exclusive): the last id of the
+        /// previous page.
+        #[arg(long, value_parser = parse_id)]
+        after: Option<StreamId>,
         /// Last id (inclusive).
         #[arg(long, value_parser = parse_id)]
         to: Option<StreamId>,
-        /// Most entries (0: the server's limit).
+        /// Most entries (0: the server's limit, 10,000 by default). When
+        /// more follow, a note on standard error says how to go on (with
+        /// --json, `more` is true).
         #[arg(long, default_value_t = 0)]
         count: u32,
     },
@@ -230,6 +239,42 @@ fn parse_id(s: &str) -> Result<StreamId, String> {
     s.parse().map_err(|e: concord_client::Error| e.to_string())
 }
 
+/// Most bytes the CLI reads for one value from standard input or a file:
+/// the node's gRPC message limit (a node's own `max_value_bytes`, 1 MiB
+/// by default, refuses less).
+const MAX_VALUE_READ: u64 = 16 << 20;
+
+/// A value argument: the text itself; `-`, standard input; `@PATH`, the
+/// file's bytes; `@@...`, the text after the first `@`.
+fn value_of(arg: &str) -> Result<Vec<u8>, concord_client::Error> {
+    use std::io::Read;
+    let invalid = concord_client::Error::InvalidArgument;
+    let read = |from: &mut dyn Read, what: &str| {
+        let mut bytes = Vec::new();
+        from.take(MAX_VALUE_READ + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| invalid(format!("cannot read {what}: {e}")))?;
+        if bytes.len() as u64 > MAX_VALUE_READ {
+            return Err(invalid(format!(
+                "{what} holds more than {MAX_VALUE_READ} bytes, more than one value can be"
+            )));
+        }
+        Ok(bytes)
+    };
+    if arg == "-" {
+        return read(&mut std::io::stdin().lock(), "standard input");
+    }
+    if let Some(text) = arg.strip_prefix("@@") {
+        return Ok(format!("@{text}").into_bytes());
+    }
+    if let Some(path) = arg.strip_prefix('@') {
+        let mut file =
+            std::fs::File::open(path).map_err(|e| invalid(format!("cannot open {path}: {e}")))?;
+        return read(&mut file, path);
+    }
+    Ok(arg.as_bytes().to_vec())
+}
+
 fn parse_field(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
@@ -237,8 +282,43 @@ fn parse_field(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// A command-line error in one line: clap's message without its layout,
+/// and the usage of the command it was about.
+fn usage_error(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let (message, rest) = rendered
+        .split_once("\n\n")
+        .unwrap_or((rendered.as_str(), ""));
+    let message = message.trim_start_matches("error: ");
+    let mut line = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    if let Some(usage) = rest.lines().find_map(|l| l.strip_prefix("Usage: ")) {
+        line.push_str(&format!("; usage: {}", usage.trim()));
+    }
+    line.push_str(" (see --help)");
+    line
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    let _ = e.print();
+                    ExitCode::SUCCESS
+                }
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    let _ = e.print();
+                    ExitCode::from(2)
+                }
+                _ => {
+                    eprintln!("concord: {}", usage_error(&e));
+                    ExitCode::from(2)
+                }
+            };
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -318,25 +398,41 @@ async fn command(
             out.contains(client.set(&at.keyspace).contains(&at.key, member).await?)
         }
         Command::Register(RegisterCmd::Set { at, value }) => {
+            let value = value_of(&value)?;
             out.write(client.register(&at.keyspace).set(&at.key, value).await?)
         }
         Command::Register(RegisterCmd::Get { at }) => {
             out.register(client.register(&at.keyspace).get(&at.key).await?.as_ref())
         }
         Command::Stream(StreamCmd::Append { at, fields }) => {
+            if fields.iter().filter(|(_, v)| v == "-").count() > 1 {
+                return Err(concord_client::Error::InvalidArgument(
+                    "only one field can be read from standard input".into(),
+                ));
+            }
+            let fields = fields
+                .into_iter()
+                .map(|(name, value)| Ok((name, value_of(&value)?)))
+                .collect::<Result<Vec<(String, Vec<u8>)>, concord_client::Error>>()?;
             out.appended(client.stream(&at.keyspace).append(&at.key, fields).await?)
         }
         Command::Stream(StreamCmd::Range {
             at,
             from,
+            after,
             to,
             count,
         }) => {
-            let entries = client
+            let start = match (from, after) {
+                (Some(id), _) => RangeStart::From(id),
+                (None, Some(id)) => RangeStart::After(id),
+                (None, None) => RangeStart::Beginning,
+            };
+            let page = client
                 .stream(&at.keyspace)
-                .range(&at.key, from, to, count)
+                .page(&at.key, start, to, count)
                 .await?;
-            out.entries(&entries);
+            out.page(&page);
         }
         Command::Stream(StreamCmd::Tail { at, after }) => {
             let mut entries = client

@@ -2,7 +2,7 @@
 //! command; one object per line for `stream tail`).
 
 use concord_client::proto::{DurabilityMode, LinkDownCause, PeerState, StatusResponse};
-use concord_client::{Entry, Health, KeyspaceInfo, RegisterValue, StreamId, WriteAck};
+use concord_client::{Entry, Health, KeyspaceInfo, Page, RegisterValue, StreamId, WriteAck};
 use serde_json::{json, Value};
 
 /// Where results go.
@@ -180,9 +180,15 @@ impl Out {
         self.print(json!({ "id": id.to_string() }), || id.to_string());
     }
 
-    pub fn entries(&self, entries: &[Entry]) {
+    /// A page of a stream: its entries, and (on standard error, in text)
+    /// how to go on when more follow.
+    pub fn page(&self, page: &Page) {
+        let entries = &page.entries;
         self.print(
-            Value::Array(entries.iter().map(entry_json).collect()),
+            json!({
+                "entries": entries.iter().map(entry_json).collect::<Vec<_>>(),
+                "more": page.more,
+            }),
             || {
                 entries
                     .iter()
@@ -191,6 +197,15 @@ impl Out {
                     .join("\n")
             },
         );
+        if page.more && !self.json {
+            if let Some(last) = entries.last() {
+                eprintln!(
+                    "({} entries; more follow: continue with --after {})",
+                    entries.len(),
+                    last.id
+                );
+            }
+        }
     }
 
     /// One entry of a followed stream, printed at once.

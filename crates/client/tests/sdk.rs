@@ -341,3 +341,35 @@ async fn health_reports_a_serving_node_and_refuses_unknown_services() {
     let gone = client.health("").await.expect_err("the node is gone");
     assert!(matches!(gone, Error::Unavailable { .. }), "{gone}");
 }
+
+#[path = "../examples/quickstart.rs"]
+#[allow(dead_code)]
+mod quickstart;
+
+#[tokio::test]
+async fn the_readme_example_runs_on_a_fresh_region_twice() {
+    let n = node("us-east", 1).await;
+    // Twice: creating keyspaces that exist is fine.
+    quickstart::demo(vec![n.url.clone()])
+        .await
+        .expect("the example runs");
+    quickstart::demo(vec![n.url.clone()])
+        .await
+        .expect("and runs again");
+    let client = Client::connect([n.url.clone()]).await.expect("connect");
+    assert_eq!(client.counter("hits").get("home").await.expect("get"), 4);
+    n.stop().await;
+}
+
+#[test]
+fn the_readme_shows_the_example_as_it_is() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let example = std::fs::read_to_string(root.join("crates/client/examples/quickstart.rs"))
+        .expect("example");
+    let block = format!("```rust\n{example}```");
+    assert!(
+        readme.contains(&block),
+        "README.md must show crates/client/examples/quickstart.rs verbatim in a ```rust block"
+    );
+}

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use concord_core::clock::SystemTime;
-use concord_node::config::{Config, Overrides};
+use concord_node::config::{Config, LogFormat, Overrides};
 use concord_node::metrics::RPC_DURATION_BUCKETS;
 use concord_node::{Connector, Node, NodeError};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
@@ -97,11 +97,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let json_logs = config.log.format == LogFormat::Json;
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "concord-node stopped");
-            eprintln!("concord-node: {e}");
+            // Once, on standard error: as a log record when logs are for
+            // machines, as a line for people otherwise.
+            if json_logs {
+                tracing::error!(error = %e, "concord-node stopped");
+            } else {
+                eprintln!("concord-node: {e}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -128,6 +134,12 @@ async fn run(config: Config) -> Result<(), NodeError> {
         .await
         .map_err(|e| NodeError::Serve(format!("cannot listen on {}: {e}", config.listen)))?;
     let node = Node::open(config, SystemTime).await?;
+    // Written once the data directory is ours, so the file names the
+    // process that holds it.
+    let _pid = match &node.config().pid_file {
+        Some(path) => Some(PidFile::write(path.clone())?),
+        None => None,
+    };
     let c = node.config();
     tracing::info!(
         region = %c.region,
@@ -142,6 +154,24 @@ async fn run(config: Config) -> Result<(), NodeError> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     node.serve(incoming, Connector::tcp(), shutdown_signal())
         .await
+}
+
+/// The process id in a file, removed when dropped.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(path: PathBuf) -> Result<PidFile, NodeError> {
+        std::fs::write(&path, format!("{}\n", std::process::id())).map_err(|e| {
+            NodeError::Serve(format!("cannot write pid_file {}: {e}", path.display()))
+        })?;
+        Ok(PidFile(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -54,8 +54,13 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut next = e.source();
     while let Some(source) = next {
-        text.push_str(": ");
-        text.push_str(&source.to_string());
+        let said = source.to_string();
+        // Some errors print their source's text in their own already, or
+        // wrap an error of the same words: say each part once.
+        if !said.is_empty() && !text.ends_with(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
         next = source.source();
     }
     text
@@ -71,6 +76,33 @@ mod tests {
     use prost::Message;
 
     use super::v1;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|l| l as _)
+        }
+    }
+
+    #[test]
+    fn an_error_chain_says_each_part_once() {
+        let refused = Layer("Connection refused (os error 111)", None);
+        let inner = Layer("tcp connect error", Some(Box::new(refused)));
+        let outer = Layer("tcp connect error", Some(Box::new(inner)));
+        let top = Layer("transport error", Some(Box::new(outer)));
+        assert_eq!(
+            super::error_chain(&top),
+            "transport error: tcp connect error: Connection refused (os error 111)"
+        );
+    }
 
     #[test]
     fn descriptor_set_lists_both_services() {

@@ -43,11 +43,11 @@ pub enum StoreError {
 
     /// Another process (or a store not yet closed in this one) holds the
     /// data directory.
-    #[error("data directory {path} is in use by another process: {reason}")]
+    #[error("data directory {path} is in use: another process holds its lock (is another concord-node running on it?)")]
     InUse {
         /// The data directory.
         path: PathBuf,
-        /// sled's report.
+        /// sled's report, for the debug form.
         reason: String,
     },
 
