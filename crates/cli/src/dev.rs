@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -173,10 +174,18 @@ pub async fn run(args: DevArgs, out: Out) -> Result<(), String> {
     let data =
         std::path::absolute(&args.data).map_err(|e| format!("{}: {e}", args.data.display()))?;
     let configs = configs(&args, &data)?;
-    let leftovers: Vec<(String, u32)> = configs
-        .iter()
-        .filter_map(|c| Some((c.region.clone(), running_region(c.pid_file.as_deref()?)?)))
-        .collect();
+    // Every region directory under the data directory, not only those of
+    // this run: an earlier run may have had more regions.
+    let leftovers: Vec<(String, u32)> = std::fs::read_dir(&data)
+        .map(|dirs| {
+            dirs.flatten()
+                .filter_map(|d| {
+                    let pid = running_region(&d.path().join(PID_FILE))?;
+                    Some((d.file_name().to_string_lossy().into_owned(), pid))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     for (region, pid) in &leftovers {
         eprintln!("region {region} is still running from an earlier run (pid {pid}); stopping it");
     }
@@ -294,7 +303,8 @@ async fn spawn(
     })
 }
 
-/// Waits until every region answers a status call.
+/// Waits until every region answers a status call and shows every peer
+/// connected.
 async fn wait_ready(
     regions: &[Region],
     exits: &mut mpsc::Receiver<(usize, String)>,
@@ -316,8 +326,11 @@ async fn wait_ready(
                     log_tail(&failed.log_path)
                 ));
             }
+            // Serving, and linked to every peer: a write made anywhere
+            // then reaches the others at once.
             if let Ok(client) = Client::connect_with([r.endpoint()], options.clone()).await {
-                if client.status().await.is_ok() {
+                let status = client.status().await;
+                if status.is_ok_and(|s| s.peers.iter().all(|p| p.connected)) {
                     break;
                 }
             }
@@ -435,7 +448,9 @@ async fn stop_all(
 }
 
 /// The pid of the `concord-node` process a region's pid file names, when
-/// that process is still running.
+/// that process is still running on the configuration next to the pid
+/// file (so a pid reused by another program, or by a node of another
+/// cluster, is left alone).
 fn running_region(pid_file: &Path) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(pid_file)
         .ok()?
@@ -443,11 +458,21 @@ fn running_region(pid_file: &Path) -> Option<u32> {
         .parse()
         .ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let is_node = cmdline
-        .split(|b| *b == 0)
+    let mut args = cmdline.split(|b| *b == 0);
+    let is_node = args
         .next()
         .is_some_and(|exe| exe.ends_with(b"concord-node"));
-    (is_node && alive(pid)).then_some(pid)
+    let config = pid_file
+        .with_file_name("concord-node.toml")
+        .canonicalize()
+        .ok()?;
+    // An argument may be relative to the process's working directory.
+    let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+    let on_ours = args.any(|arg| {
+        let arg = Path::new(std::ffi::OsStr::from_bytes(arg));
+        cwd.join(arg).canonicalize().is_ok_and(|p| p == config)
+    });
+    (is_node && on_ours && alive(pid)).then_some(pid)
 }
 
 /// Whether `pid` runs (a zombie, dead but not yet reaped, does not).

@@ -72,7 +72,7 @@ enum Command {
         #[arg(long)]
         watch: bool,
         /// How often `--watch` redraws, in milliseconds.
-        #[arg(long, default_value_t = 1_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+        #[arg(long, default_value_t = 1_000, value_name = "MS", requires = "watch", value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
         interval_ms: u64,
     },
     /// Ask the region's gRPC health service whether it is serving; exits
@@ -460,17 +460,25 @@ async fn command(
             use std::io::IsTerminal;
             let terminal = std::io::stdout().is_terminal();
             let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
+            let interrupted = tokio::signal::ctrl_c();
+            tokio::pin!(interrupted);
             loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = tokio::signal::ctrl_c() => return Ok(()),
-                }
-                let status = client.status().await?;
+                let status = tokio::select! {
+                    _ = &mut interrupted => return Ok(()),
+                    status = async {
+                        tick.tick().await;
+                        client.status().await
+                    } => status,
+                };
                 if terminal {
                     // Home the cursor and clear the screen: a redraw.
                     print!("\x1b[H\x1b[2J");
                 }
-                out.status(&status);
+                match status {
+                    Ok(status) => out.status(&status),
+                    // A region that does not answer is worth watching too.
+                    Err(e) => eprintln!("concord: {e}"),
+                }
                 if !terminal {
                     println!();
                 }

@@ -254,7 +254,11 @@ impl Out {
                     "peer_lacks_ops": p.peer_lacks_ops,
                     "peer_lacks_ms": p.peer_lacks_ms,
                     "state": state_name(p.state()),
-                    "down_cause": cause_name(p.down_cause()),
+                    "down_cause": if p.state() == PeerState::Down {
+                        Value::from(cause_name(p.down_cause()))
+                    } else {
+                        Value::Null
+                    },
                     "down_reason": p.down_reason,
                     "down_for_ms": p.down_for_ms,
                 })

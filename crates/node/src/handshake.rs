@@ -133,7 +133,22 @@ impl LinkError {
             LinkError::Unreachable { .. } | LinkError::NoAnswer { .. } => {
                 pb::LinkDownCause::Unreachable
             }
-            LinkError::Status { .. } => pb::LinkDownCause::Refused,
+            // A peer that says no; one going away (shutting down, killed,
+            // a connection reset) is not refusing anything.
+            LinkError::Status { code, what, .. } => match code {
+                Code::Unavailable
+                | Code::Unknown
+                | Code::Cancelled
+                | Code::DeadlineExceeded
+                | Code::Aborted => {
+                    if *what == "refused" {
+                        pb::LinkDownCause::Unreachable
+                    } else {
+                        pb::LinkDownCause::Ended
+                    }
+                }
+                _ => pb::LinkDownCause::Refused,
+            },
             LinkError::Silent { .. } => pb::LinkDownCause::Silent,
             LinkError::Ended | LinkError::Closed => pb::LinkDownCause::Ended,
             LinkError::Clock(_) => pb::LinkDownCause::ClockRefused,
@@ -326,6 +341,11 @@ mod tests {
             .refusal(),
             Refusal::UnknownPeer
         );
+        assert_eq!(e.down_cause(), pb::LinkDownCause::Refused);
+        let going = LinkError::status("stream ended", &Status::unavailable("shutting down"));
+        assert_eq!(going.down_cause(), pb::LinkDownCause::Ended);
+        let gone = LinkError::status("refused", &Status::unknown("connection reset"));
+        assert_eq!(gone.down_cause(), pb::LinkDownCause::Unreachable);
         assert!(check_protocol(PEER_PROTOCOL_VERSION).is_ok());
         assert!(matches!(check_protocol(1), Err(PeerFault::Protocol(1))));
     }

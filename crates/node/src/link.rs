@@ -9,7 +9,8 @@
 //! observing each frame's clock and applying the delta batches that
 //! arrived together in one transaction; it acknowledges what it applied
 //! once that is durable (see `Acks`) and sends heartbeats, until the
-//! stream ends; status shows the peer connected meanwhile. Any failure is
+//! stream ends; status shows the peer connected meanwhile, as long as
+//! frames arrive (`peer::CONTACT_TIMEOUT`). Any failure is
 //! retried after a backoff that doubles from [`BACKOFF_MIN`] to
 //! [`BACKOFF_MAX`] and starts over only after a session that lasted longer
 //! than [`BACKOFF_MAX`], so a peer that accepts and drops at once is not
@@ -283,6 +284,7 @@ impl Link {
                 }
             }
             let bytes = prost::Message::encoded_len(&frame) as u64;
+            self.peers.link_applying(self.index, true);
             let applied = match frame.body {
                 Some(pb::provider_frame::Body::Deltas(batch)) => {
                     let Some((batches, bytes)) = self
@@ -295,6 +297,7 @@ impl Link {
                 }
                 body => applier.apply(pb::ProviderFrame { body, ..frame }).await,
             };
+            self.peers.link_applying(self.index, false);
             if applied? {
                 acks.due(store.version_vector().map_err(NodeError::from)?);
             }

@@ -70,7 +70,7 @@ pub async fn refresh_gauges(engine: Engine, peers: Peers, stop: impl Future<Outp
             () = &mut stop => return,
             _ = tick.tick() => {}
         }
-        match peers.status(&engine) {
+        match peers.status(&engine).await {
             Ok(statuses) => Peers::export(&statuses),
             Err(e) => tracing::warn!(error = %e, "could not read the peers' status"),
         }

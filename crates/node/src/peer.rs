@@ -26,7 +26,7 @@ use crate::config::PeerConfig;
 use crate::engine::Engine;
 use crate::error::NodeError;
 use crate::handshake::{check_hello, observe_clock, welcome, LinkError, PeerFault};
-use crate::replicate::{origins, Provider, SILENCE_TIMEOUT};
+use crate::replicate::{origins, Provider, HEARTBEAT};
 
 /// Longest wait for a subscriber's `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +43,16 @@ pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// How far behind (in milliseconds) either side may be for a connected
 /// peer to show as in sync rather than catching up.
 pub const IN_SYNC_MS: u64 = 1_000;
+
+/// How long without a frame from a peer (which heartbeats every second)
+/// before its status shows it down, silent: three missed heartbeats. The
+/// link gives the stream up later, at
+/// [`SILENCE_TIMEOUT`](crate::replicate::SILENCE_TIMEOUT); a link busy
+/// applying what already arrived is not silent.
+pub const CONTACT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Most callers whose refusals are remembered for [`Peers::warn_now`].
+const MAX_WARNED: usize = 1024;
 
 /// The configured peer regions and what this node knows of each.
 #[derive(Debug, Clone, Default)]
@@ -70,6 +80,9 @@ struct Tracked {
     up: bool,
     /// When the last frame arrived on it.
     last_frame: Option<tokio::time::Instant>,
+    /// Whether the link is applying what arrived (it reads no frame
+    /// meanwhile, and is not silent for it).
+    applying: bool,
     /// What the peer holds, as far as this node knows.
     known: VersionVector,
     /// Why the link went down, in words, and when (unix ms).
@@ -146,8 +159,19 @@ impl Peers {
 
     /// The status of every peer, sorted by region name, worked out now:
     /// whether frames still arrive, the lag both ways, the sync state and
-    /// why a link is down.
-    pub fn status(&self, engine: &Engine) -> Result<Vec<pb::PeerStatus>, NodeError> {
+    /// why a link is down. Runs where the store's blocking work runs: the
+    /// age of the oldest delta a peer lacks may be read from sled.
+    pub async fn status(&self, engine: &Engine) -> Result<Vec<pb::PeerStatus>, NodeError> {
+        let (peers, working) = (self.clone(), engine.clone());
+        engine
+            .store()
+            .offload()
+            .run(move || peers.status_now(&working))
+            .await
+            .map_err(|e| NodeError::Unavailable(format!("status task failed: {e}")))?
+    }
+
+    fn status_now(&self, engine: &Engine) -> Result<Vec<pb::PeerStatus>, NodeError> {
         let store = engine.store();
         let ours = store.version_vector()?;
         let now_ms = engine.clock().physical_unix_ms();
@@ -155,7 +179,11 @@ impl Peers {
         for i in 0..self.peers.len() {
             let (mut status, known, silent, down, snapshots) = {
                 let state = self.lock(i);
-                let silent = state.last_frame.map(|at| at.elapsed());
+                let silent = if state.applying {
+                    Some(Duration::ZERO)
+                } else {
+                    state.last_frame.map(|at| at.elapsed())
+                };
                 (
                     state.status.clone(),
                     state.known.clone(),
@@ -174,7 +202,7 @@ impl Peers {
                 .unwrap_or(0);
             match (down, silent) {
                 // Up, and frames arrive.
-                (None, Some(quiet)) if quiet < SILENCE_TIMEOUT => {
+                (None, Some(quiet)) if quiet < CONTACT_TIMEOUT => {
                     status.connected = true;
                     let behind = status.lag_ms.max(status.peer_lacks_ms);
                     status.set_state(if snapshots > 0 {
@@ -191,8 +219,11 @@ impl Peers {
                     status.connected = false;
                     status.set_state(pb::PeerState::Down);
                     status.set_down_cause(pb::LinkDownCause::Silent);
-                    status.down_reason =
-                        format!("nothing from the peer for {} ms", quiet.as_millis());
+                    status.down_reason = format!(
+                        "nothing from the peer for {:.1} s (heartbeats are every {} s)",
+                        quiet.as_secs_f64(),
+                        HEARTBEAT.as_secs()
+                    );
                     status.down_for_ms = quiet.as_millis() as u64;
                 }
                 (Some(down), _) => {
@@ -275,11 +306,23 @@ impl Peers {
         self.lock(i).last_frame = Some(tokio::time::Instant::now());
     }
 
+    /// Records that the link from peer `i` starts (`true`) or ends
+    /// applying what arrived; its end counts as contact, since frames
+    /// that came meanwhile are read next.
+    pub(crate) fn link_applying(&self, i: usize, applying: bool) {
+        let mut state = self.lock(i);
+        state.applying = applying;
+        if !applying {
+            state.last_frame = Some(tokio::time::Instant::now());
+        }
+    }
+
     /// Records that this node's stream from peer `i` opened.
     pub(crate) fn link_up(&self, i: usize) {
         {
             let mut state = self.lock(i);
             state.up = true;
+            state.applying = false;
             state.last_frame = Some(tokio::time::Instant::now());
             state.down = None;
         }
@@ -294,10 +337,12 @@ impl Peers {
             let mut state = self.lock(i);
             let was_up = state.up;
             state.up = false;
-            // A link that keeps failing the same way stays down since its
-            // first failure; a silent one since its last frame.
+            state.applying = false;
+            // Down since the link's first failure after it was last up,
+            // whatever the causes after it (silent, then unreachable);
+            // a silent link since its last frame.
             let since = match (&state.down, error) {
-                (Some((c, _, since)), _) if *c == cause => *since,
+                (Some((_, _, since)), _) if !was_up => *since,
                 (_, LinkError::Silent { silent_s, .. }) => {
                     now_ms.saturating_sub(i64::try_from(*silent_s).unwrap_or(0) * 1000)
                 }
@@ -325,6 +370,18 @@ impl Peers {
             .filter(|&j| j != except && self.lock(j).up)
             .map(|j| self.peers[j].config.replica_id)
             .collect()
+    }
+
+    /// What this node knew peer `replica_id` to hold when it last ran (its
+    /// stored acknowledgements), until the peer says more.
+    pub(crate) fn assume_holds(&self, replica_id: u32, holds: &VersionVector) {
+        if let Some(i) = self
+            .peers
+            .iter()
+            .position(|p| p.config.replica_id == replica_id)
+        {
+            self.lock(i).known.merge(holds);
+        }
     }
 
     /// Records what peer `i` said it holds: a session's opening replaces
@@ -442,13 +499,20 @@ impl Peers {
     pub(crate) fn warn_now(&self, caller: &str, cause: &str) -> bool {
         let now = tokio::time::Instant::now();
         let mut warned = lock(&self.warned);
+        // Callers name themselves: only so much of the name is kept.
+        let caller: String = caller.chars().take(128).collect();
         let key = format!("{caller}\u{0}{cause}");
         match warned.get(&key) {
             Some(&at) if now.duration_since(at) < REFUSAL_LOG_INTERVAL => false,
             _ => {
-                // Bounded: callers that stopped calling are forgotten.
-                if warned.len() >= 1024 {
+                // Bounded: callers that stopped calling are forgotten, and
+                // while more than MAX_WARNED call at once the others are
+                // not warned about (each refusal is still counted).
+                if warned.len() >= MAX_WARNED {
                     warned.retain(|_, at| now.duration_since(*at) < REFUSAL_LOG_INTERVAL);
+                    if warned.len() >= MAX_WARNED {
+                        return false;
+                    }
                 }
                 warned.insert(key, now);
                 true
@@ -584,5 +648,64 @@ impl Replication for PeerService {
         };
         tokio::spawn(provider.run(inbound, tx));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_peer() -> Peers {
+        Peers::new(&[PeerConfig {
+            region: "eu-west".into(),
+            replica_id: 2,
+            endpoint: "http://127.0.0.1:1".into(),
+        }])
+    }
+
+    fn since(peers: &Peers) -> Option<(pb::LinkDownCause, i64)> {
+        peers.lock(0).down.as_ref().map(|(c, _, at)| (*c, *at))
+    }
+
+    #[test]
+    fn a_link_is_down_since_its_first_failure_whatever_the_causes_after_it() {
+        let peers = one_peer();
+        peers.link_up(0);
+        let silent = LinkError::Silent {
+            silent_s: 5,
+            heartbeat_s: 1,
+        };
+        peers.link_down(0, &silent, 100_000);
+        // Silent since its last frame, five seconds before it was given up.
+        assert_eq!(since(&peers), Some((pb::LinkDownCause::Silent, 95_000)));
+        let unreachable = LinkError::Unreachable {
+            endpoint: "http://127.0.0.1:1".into(),
+            reason: "no answer".into(),
+        };
+        peers.link_down(0, &unreachable, 115_000);
+        assert_eq!(
+            since(&peers),
+            Some((pb::LinkDownCause::Unreachable, 95_000)),
+            "the cause changes, the time it went down does not"
+        );
+        peers.link_up(0);
+        assert_eq!(since(&peers), None);
+        peers.link_down(0, &unreachable, 200_000);
+        assert_eq!(
+            since(&peers),
+            Some((pb::LinkDownCause::Unreachable, 200_000))
+        );
+    }
+
+    #[test]
+    fn refusals_are_warned_about_once_a_minute_and_callers_are_bounded() {
+        let peers = one_peer();
+        assert!(peers.warn_now("ap-south/3", "unknown"));
+        assert!(!peers.warn_now("ap-south/3", "unknown"), "not again at once");
+        assert!(peers.warn_now("ap-south/3", "clock"), "another cause is");
+        for n in 0..2 * MAX_WARNED {
+            peers.warn_now(&format!("caller {n}"), "unknown");
+        }
+        assert!(peers.warned.lock().expect("lock").len() <= MAX_WARNED);
     }
 }

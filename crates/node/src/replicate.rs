@@ -55,7 +55,7 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// every second) before a stream is given up and, on the subscriber's
 /// side, reconnected: a frozen peer or a wedged connection is noticed this
 /// fast, not after TCP's or HTTP/2's much longer timeouts.
-pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(3);
+pub const SILENCE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest wait for room in the queue towards a subscriber; a subscriber
 /// that takes longer to drain it is given up.

@@ -125,6 +125,9 @@ impl Node {
                 })?;
         }
         let peers = Peers::new(&config.peers);
+        for (replica, holds) in engine.store().peer_acks().map_err(NodeError::from)? {
+            peers.assume_holds(replica.0, &holds);
+        }
         Ok(Node {
             config,
             engine,

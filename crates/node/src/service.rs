@@ -311,7 +311,7 @@ impl Concord for ClientService {
                 replica_id: store.identity().replica.0,
                 hlc: clock.last().as_u64(),
                 applied: Some((&applied).into()),
-                peers: self.peers.status(&self.engine)?,
+                peers: self.peers.status(&self.engine).await?,
                 durability: durability.into(),
                 keyspace_conflicts: catalog.conflict_count() as u32,
                 uptime_seconds: (uptime_ms.max(0) / 1000) as u64,

@@ -251,7 +251,10 @@ async fn read_backlog(
     most: usize,
     out: mpsc::Sender<Backlog>,
 ) {
-    let mut from = after.successor();
+    // Nothing is above the greatest id.
+    let Some(mut from) = after.successor() else {
+        return;
+    };
     let mut sent = 0usize;
     loop {
         let (s, ks, k) = (store.clone(), keyspace.clone(), key.clone());
@@ -284,11 +287,13 @@ async fn read_backlog(
                     .await;
                 return;
             }
-            from = entry.id.successor();
+            let next = entry.id.successor();
             sent += 1;
             if out.send(Backlog::Entry(entry)).await.is_err() {
                 return;
             }
+            let Some(next) = next else { return };
+            from = next;
         }
         if !full {
             return;

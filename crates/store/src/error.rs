@@ -43,7 +43,7 @@ pub enum StoreError {
 
     /// Another process (or a store not yet closed in this one) holds the
     /// data directory.
-    #[error("data directory {path} is in use: another process holds its lock (is another concord-node running on it?)")]
+    #[error("data directory {path} is in use: its lock is held (is another concord-node running on it?)")]
     InUse {
         /// The data directory.
         path: PathBuf,

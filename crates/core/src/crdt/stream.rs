@@ -53,16 +53,15 @@ impl StreamId {
         StreamId { hlc, replica }
     }
 
-    /// The least id above this one ([`StreamId::MAX`] stays itself): where
-    /// a range that continues after an id starts.
-    pub fn successor(self) -> StreamId {
+    /// The least id above this one, where a range that continues after an
+    /// id starts; none above [`StreamId::MAX`].
+    pub fn successor(self) -> Option<StreamId> {
         match self.replica.0.checked_add(1) {
-            Some(r) => StreamId::new(self.hlc, ReplicaId(r)),
-            None if self == StreamId::MAX => self,
-            None => StreamId::new(
-                Hlc::from_u64(self.hlc.as_u64().saturating_add(1)),
-                ReplicaId(0),
-            ),
+            Some(r) => Some(StreamId::new(self.hlc, ReplicaId(r))),
+            None => {
+                let hlc = self.hlc.as_u64().checked_add(1)?;
+                Some(StreamId::new(Hlc::from_u64(hlc), ReplicaId(0)))
+            }
         }
     }
 }
@@ -412,10 +411,10 @@ mod wire {
                     ))
                 }
                 (Some(from), None) => StreamId::from(from),
-                (None, Some(after)) => {
-                    let after = StreamId::from(after);
-                    if after == StreamId::MAX {
-                        // Nothing is above the greatest id.
+                (None, Some(after)) => match StreamId::from(after).successor() {
+                    Some(from) => from,
+                    // Nothing is above the greatest id: an empty range.
+                    None => {
                         return Ok(Request::new(
                             r.keyspace,
                             r.key,
@@ -424,10 +423,9 @@ mod wire {
                                 to: StreamId::MIN,
                                 count: r.count as usize,
                             }),
-                        ));
+                        ))
                     }
-                    after.successor()
-                }
+                },
                 (None, None) => StreamId::MIN,
             };
             let range = StreamCommand::Range {
@@ -546,6 +544,15 @@ mod tests {
         ] {
             assert!(bad.parse::<StreamId>().is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn the_successor_of_an_id_is_the_least_id_above_it() {
+        let at = |hlc: u64, r: u32| StreamId::new(Hlc::from_u64(hlc), ReplicaId(r));
+        assert_eq!(at(5, 1).successor(), Some(at(5, 2)));
+        assert_eq!(at(5, u32::MAX).successor(), Some(at(6, 0)));
+        assert_eq!(StreamId::MAX.successor(), None);
+        assert_eq!(StreamId::MIN.successor(), Some(at(0, 1)));
     }
 
     #[test]
