@@ -3,6 +3,7 @@
 //! keeps every acknowledged write.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -10,6 +11,14 @@ use concord_client::{Client, KeyspaceType};
 use concord_tests::{
     binary, cli, cli_json, free_base_port, http_get, node_config, wait_for_port, NodeProcess,
 };
+
+/// Writes a node's configuration (us-east, replica 1) under `dir`, with
+/// `extra` appended; returns its path.
+fn config_file(dir: &Path, listen: &str, extra: &str) -> PathBuf {
+    let path = dir.join("node.toml");
+    std::fs::write(&path, node_config("us-east", 1, listen, dir, extra)).expect("write");
+    path
+}
 
 fn check_config(text: &str) -> (i32, String) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -78,18 +87,11 @@ async fn garbage_on_the_port_changes_nothing_and_metrics_are_served() {
     let base = free_base_port(1);
     let listen = format!("127.0.0.1:{base}");
     let metrics = format!("127.0.0.1:{}", base + 1000);
-    let config = dir.path().join("node.toml");
-    std::fs::write(
-        &config,
-        node_config(
-            "us-east",
-            1,
-            &listen,
-            dir.path(),
-            &format!("metrics_listen = {metrics:?}"),
-        ),
-    )
-    .expect("write");
+    let config = config_file(
+        dir.path(),
+        &listen,
+        &format!("metrics_listen = {metrics:?}"),
+    );
     let node = NodeProcess::start(&config, &listen);
     let client = Client::connect([node.endpoint.clone()])
         .await
@@ -151,20 +153,13 @@ async fn sigterm_keeps_every_acknowledged_write_even_in_relaxed_mode() {
     let dir = tempfile::tempdir().expect("tempdir");
     let base = free_base_port(1);
     let listen = format!("127.0.0.1:{base}");
-    let config = dir.path().join("node.toml");
     // Relaxed mode acknowledges before the flush, and the background flush
     // is a minute away: only the shutdown's flush can save these writes.
-    std::fs::write(
-        &config,
-        node_config(
-            "us-east",
-            1,
-            &listen,
-            dir.path(),
-            "durability = \"relaxed\"\n[storage]\nflush_every_ms = 60000\n[[keyspaces]]\nname = \"hits\"\ntype = \"counter\"",
-        ),
-    )
-    .expect("write");
+    let config = config_file(
+        dir.path(),
+        &listen,
+        "durability = \"relaxed\"\n[storage]\nflush_every_ms = 60000\n[[keyspaces]]\nname = \"hits\"\ntype = \"counter\"",
+    );
     let node = NodeProcess::start(&config, &listen);
     let client = Client::connect([node.endpoint.clone()])
         .await
@@ -198,18 +193,7 @@ fn a_data_directory_in_use_is_refused_in_one_clear_line_and_named_in_the_pid_fil
     let base = free_base_port(2);
     let listen = format!("127.0.0.1:{base}");
     let pid_file = dir.path().join("node.pid");
-    let config = dir.path().join("node.toml");
-    std::fs::write(
-        &config,
-        node_config(
-            "us-east",
-            1,
-            &listen,
-            dir.path(),
-            &format!("pid_file = {pid_file:?}"),
-        ),
-    )
-    .expect("write");
+    let config = config_file(dir.path(), &listen, &format!("pid_file = {pid_file:?}"));
     let node = NodeProcess::start(&config, &listen);
     // Written once the store is open, a moment after the port listens.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

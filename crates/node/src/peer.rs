@@ -701,7 +701,10 @@ mod tests {
     fn refusals_are_warned_about_once_a_minute_and_callers_are_bounded() {
         let peers = one_peer();
         assert!(peers.warn_now("ap-south/3", "unknown"));
-        assert!(!peers.warn_now("ap-south/3", "unknown"), "not again at once");
+        assert!(
+            !peers.warn_now("ap-south/3", "unknown"),
+            "not again at once"
+        );
         assert!(peers.warn_now("ap-south/3", "clock"), "another cause is");
         for n in 0..2 * MAX_WARNED {
             peers.warn_now(&format!("caller {n}"), "unknown");
