@@ -356,19 +356,32 @@ mod tests {
     }
 
     #[test]
-    fn a_counter_answer_outside_i64_is_an_error_not_a_wrapped_value() {
+    fn a_counter_beyond_i64_reads_clamped_not_wrapped() {
         let mut value = Value::empty(CrdtType::Counter);
         let add = Command::Counter(CounterCommand::Add(i64::MAX));
-        for origin in [ReplicaId(1), ReplicaId(2)] {
-            let op = add
-                .prepare(&value, origin, Hlc::ZERO, &Limits::default())
-                .expect("prepare")
-                .expect("a write");
-            value.apply(origin, Hlc::ZERO, &op).expect("apply");
+        // Made concurrently in two regions, each in range where it was made.
+        let ops: Vec<_> = [ReplicaId(1), ReplicaId(2)]
+            .into_iter()
+            .map(|origin| {
+                let empty = Value::empty(CrdtType::Counter);
+                let op = add
+                    .prepare(&empty, origin, Hlc::ZERO, &Limits::default())
+                    .expect("prepare")
+                    .expect("a write");
+                (origin, op)
+            })
+            .collect();
+        for (origin, op) in &ops {
+            value.apply(*origin, Hlc::ZERO, op).expect("apply");
         }
         let get = Command::Counter(CounterCommand::Get);
+        assert_eq!(
+            get.reply(&value, ReplicaId(1), None).expect("a reply"),
+            Reply::Counter(i64::MAX)
+        );
+        // A further increment here is refused before it is made.
         assert!(matches!(
-            get.reply(&value, ReplicaId(1), None),
+            add.prepare(&value, ReplicaId(1), Hlc::ZERO, &Limits::default()),
             Err(CoreError::OutOfRange { .. })
         ));
     }

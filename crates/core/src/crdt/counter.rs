@@ -56,9 +56,23 @@ impl Counter {
     }
 
     /// The operation that adds `amount` (negative: subtracts) on behalf of
-    /// region `origin`. Refuses an amount that would overflow the origin's
-    /// 64-bit running total.
+    /// region `origin`. Refuses, before anything is applied or logged, an
+    /// amount that would take the value this region sees out of the signed
+    /// 64-bit range ([`CoreError::OutOfRange`]), unless it brings a value
+    /// other regions pushed out of the range closer to it; and one that
+    /// would overflow the origin's 64-bit running total.
     pub fn prepare_add(&self, origin: ReplicaId, amount: i64) -> Result<CounterOp> {
+        let before = self.value();
+        let after = before.saturating_add(i128::from(amount));
+        let in_range = i128::from(i64::MIN)..=i128::from(i64::MAX);
+        let closer = (before > i128::from(i64::MAX) && after < before)
+            || (before < i128::from(i64::MIN) && after > before);
+        if !in_range.contains(&after) && !closer {
+            return Err(CoreError::OutOfRange {
+                what: "counter value after the increment",
+                value: after,
+            });
+        }
         let (direction, dir, steps) = if amount >= 0 {
             (Direction::Increment, Dir::Pos, amount.unsigned_abs())
         } else {
@@ -122,20 +136,19 @@ impl CounterCommand {
     }
 
     pub(crate) fn reply(&self, counter: &Counter) -> Result<Reply> {
-        Ok(Reply::Counter(counter.value_i64()?))
+        Ok(Reply::Counter(counter.value_i64()))
     }
 }
 
 impl Counter {
-    /// The value as the API gives it: refused with
-    /// [`CoreError::OutOfRange`] when the regions' increments together
-    /// leave the signed 64-bit range.
-    pub fn value_i64(&self) -> Result<i64> {
+    /// The value as the API gives it, in the signed 64-bit range: when
+    /// increments made concurrently in several regions together leave it
+    /// (each was in range where it was made), the value reads as
+    /// `i64::MAX` or `i64::MIN`, the same in every region, until
+    /// decrements bring it back; the exact sum is kept ([`Counter::value`]).
+    pub fn value_i64(&self) -> i64 {
         let value = self.value();
-        i64::try_from(value).map_err(|_| CoreError::OutOfRange {
-            what: "counter value",
-            value,
-        })
+        i64::try_from(value).unwrap_or(if value > 0 { i64::MAX } else { i64::MIN })
     }
 }
 
@@ -216,17 +229,59 @@ mod tests {
     fn overflowing_total_is_refused() {
         let r = ReplicaId(1);
         let mut c = Counter::default();
-        let op = c.prepare_add(r, i64::MAX).unwrap();
-        c.apply(r, &op);
-        let op = c.prepare_add(r, i64::MAX).unwrap();
-        c.apply(r, &op);
-        assert_eq!(c.value(), 2 * i128::from(i64::MAX));
+        // Up and down, staying in range, until the increments' running
+        // total is near the top of u64.
+        for amount in [i64::MAX, -i64::MAX, i64::MAX, -i64::MAX] {
+            let op = c.prepare_add(r, amount).unwrap();
+            c.apply(r, &op);
+        }
+        assert_eq!(c.value(), 0);
         assert!(matches!(
             c.prepare_add(r, 2),
             Err(CoreError::CounterOverflow { .. })
         ));
-        let op = c.prepare_add(r, i64::MIN).unwrap();
-        c.apply(r, &op);
-        assert_eq!(c.value(), 2 * i128::from(i64::MAX) + i128::from(i64::MIN));
+    }
+
+    #[test]
+    fn a_local_write_never_leaves_the_range_and_merged_ones_read_clamped() {
+        let (a, b) = (ReplicaId(1), ReplicaId(2));
+        let mut c = Counter::default();
+        let op = c.prepare_add(a, i64::MAX).unwrap();
+        c.apply(a, &op);
+        // Past the top, here: refused before anything is applied.
+        let before = c.clone();
+        assert!(matches!(
+            c.prepare_add(a, 1),
+            Err(CoreError::OutOfRange { .. })
+        ));
+        assert_eq!(c, before);
+        // The same increment made concurrently elsewhere, in range there.
+        let mut elsewhere = Counter::default();
+        let theirs = elsewhere.prepare_add(b, i64::MAX).unwrap();
+        c.apply(b, &theirs);
+        elsewhere.apply(b, &theirs);
+        elsewhere.apply(a, &op);
+        assert_eq!(c, elsewhere);
+        assert_eq!(c.value(), 2 * i128::from(i64::MAX));
+        assert_eq!(c.value_i64(), i64::MAX, "read clamped, in every region");
+        assert_eq!(elsewhere.value_i64(), i64::MAX);
+        // Further away: refused; back towards the range: taken, even while
+        // still outside it.
+        assert!(c.prepare_add(a, 1).is_err());
+        let down = c.prepare_add(a, -10).unwrap();
+        c.apply(a, &down);
+        assert_eq!(c.value(), 2 * i128::from(i64::MAX) - 10);
+        let back = c.prepare_add(a, i64::MIN).unwrap();
+        c.apply(a, &back);
+        assert_eq!(c.value_i64(), i64::MAX - 11);
+        // The same below the bottom.
+        let mut low = Counter::default();
+        for r in [a, b] {
+            let op = Counter::default().prepare_add(r, i64::MIN).unwrap();
+            low.apply(r, &op);
+        }
+        assert_eq!(low.value_i64(), i64::MIN);
+        assert!(low.prepare_add(a, -1).is_err());
+        assert!(low.prepare_add(a, 1).is_ok());
     }
 }
