@@ -336,10 +336,11 @@ async fn wait_ready(
             }
             if tokio::time::Instant::now() > deadline {
                 return Err(format!(
-                    "region {} did not answer on {} within {} s; see {}",
+                    "region {} was not serving on {} with every peer linked within {} s (`concord --endpoint {} status` says which link is down and why); see {}",
                     r.config.region,
                     r.endpoint(),
                     READY_TIMEOUT.as_secs(),
+                    r.endpoint(),
                     r.log_path.display()
                 ));
             }
