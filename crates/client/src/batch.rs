@@ -6,7 +6,7 @@ use concord_proto::v1::operation_result::Result as OpResult;
 
 use crate::error::{Error, Result};
 use crate::handles;
-use crate::types::{entries, Entry, RegisterValue, StreamId, WriteAck};
+use crate::types::{entries, Page, RegisterValue, StreamId, WriteAck};
 use crate::{Client, Retry};
 
 /// Operations that run as one atomic batch in one region: all are applied
@@ -36,8 +36,9 @@ pub enum BatchResult {
     Register(Option<RegisterValue>),
     /// The id of an appended stream entry.
     Appended(StreamId),
-    /// Stream entries.
-    Entries(Vec<Entry>),
+    /// Stream entries, and whether more of the range follow (see
+    /// [`crate::Stream::page`]).
+    Entries(Page),
 }
 
 impl Batch {
@@ -205,7 +206,10 @@ impl Batch {
                     OpResult::SetContains(r) => BatchResult::Contains(r.contains),
                     OpResult::RegisterGet(r) => BatchResult::Register(handles::register_value(r)),
                     OpResult::StreamAppend(r) => BatchResult::Appended(handles::appended_id(r)?),
-                    OpResult::StreamRange(r) => BatchResult::Entries(entries(r.entries)?),
+                    OpResult::StreamRange(r) => BatchResult::Entries(Page {
+                        entries: entries(r.entries)?,
+                        more: r.more,
+                    }),
                 })
             })
             .collect()

@@ -171,10 +171,11 @@ async fn every_operation_through_the_typed_handles() {
         .register_get("names", "u1")
         .stream_append("events", "orders", [("sku", "C-3")])
         .stream_range("events", "orders", None, None, 0)
+        .stream_range("events", "orders", None, None, 1)
         .run()
         .await
         .expect("batch");
-    assert_eq!(results.len(), 7);
+    assert_eq!(results.len(), 8);
     assert_eq!(results[0], BatchResult::Counter(13));
     assert_eq!(results[1], BatchResult::Counter(13));
     assert!(matches!(results[2], BatchResult::Write(w) if w.seq > 0));
@@ -183,7 +184,10 @@ async fn every_operation_through_the_typed_handles() {
     let BatchResult::Appended(third) = results[5] else {
         panic!("expected an id, got {:?}", results[5]);
     };
-    assert!(matches!(&results[6], BatchResult::Entries(e) if e.len() == 2 && e[1].id == third));
+    assert!(matches!(&results[6], BatchResult::Entries(p)
+        if p.entries.len() == 2 && p.entries[1].id == third && !p.more));
+    // A page cut by its count says so inside a batch too.
+    assert!(matches!(&results[7], BatchResult::Entries(p) if p.entries.len() == 1 && p.more));
 
     // A batch that fails as a whole changes nothing.
     let wrong = client
