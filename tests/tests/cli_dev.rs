@@ -156,6 +156,33 @@ fn dev_cluster_serves_every_type_and_survives_a_killed_region() {
     let status = cli_json(&e0, &["status"]);
     assert_eq!(status["region"], "us-east");
     assert_eq!(status["peers"].as_array().expect("peers").len(), 2);
+    // --watch redraws until Ctrl-C (SIGINT), then exits cleanly; without
+    // a terminal, one JSON document per redraw.
+    let watch = Command::new(binary("concord"))
+        .args([
+            "--endpoint",
+            &e0,
+            "--json",
+            "status",
+            "--watch",
+            "--interval-ms",
+            "150",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run concord status --watch");
+    std::thread::sleep(Duration::from_millis(1200));
+    signal(watch.id(), rustix::process::Signal::INT);
+    let watched = watch.wait_with_output().expect("wait");
+    assert!(watched.status.success(), "{watched:?}");
+    let documents: Vec<Value> = String::from_utf8_lossy(&watched.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("one JSON document per line"))
+        .collect();
+    assert!(documents.len() >= 2, "redrawn: {documents:?}");
+    assert!(documents.iter().all(|d| d["region"] == "us-east"));
 
     // Errors: one line on stderr; exit 1, or 2 for a malformed command
     // line.
